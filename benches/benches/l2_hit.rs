@@ -1,0 +1,275 @@
+//! P4/P5: an L2 hit (L1 off) through `TieredCache` against raw redis-rs.
+//!
+//! A testkit `redis-server` on a free port holds 100k products twice: plain
+//! postcard bytes under `raw:{key}` for the baseline, and the cache's
+//! envelope under `bench:{key}`. Keys are picked uniformly.
+//! - `l2_hit_1_in_flight`: `raw_get_decode` (multiplexed GET + postcard
+//!   decode) vs `tiered_get` (`l1_max_bytes(0)`), one task on a
+//!   current-thread runtime.
+//! - `l2_hit_64_tasks`: the same with 64 tasks on a 2-worker runtime sharing
+//!   one connection each side; time per op = wall time / total ops. Two
+//!   steps between them price the L2 tier's plumbing:
+//!   `raw_get_decode_outer_timeout` (the raw read inside a
+//!   `tokio::time::timeout`) and `manager_get_decode_outer_timeout` (the
+//!   same through a `ConnectionManager`, as the tier does it).
+//! - `[paired l2 64 tasks]` lines (printed): the four 64-task variants in
+//!   alternating chunks of 12,800 reads, ratios taken within each round.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tiered_cache::testkit::RedisServer;
+use tiered_cache::{Key, TieredCache};
+
+use common::{Cursor, Product, Sampler, KEYS, STREAM};
+
+const TASKS: u64 = 64;
+
+async fn raw_get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Product> {
+    let bytes: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("raw GET");
+    postcard::from_bytes(&bytes?).ok()
+}
+
+/// A `ConnectionManager` set up as the L2 tier sets it up.
+async fn connection_manager(url: &str) -> redis::aio::ConnectionManager {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(common::L2_TIMEOUT))
+        .set_response_timeout(Some(common::L2_TIMEOUT))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_secs(2));
+    redis::Client::open(url)
+        .expect("a Redis URL")
+        .get_connection_manager_with_config(config)
+        .await
+        .expect("a connection manager")
+}
+
+async fn manager_get(conn: &mut redis::aio::ConnectionManager, key: &str) -> Option<Product> {
+    let bytes: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("manager GET");
+    postcard::from_bytes(&bytes?).ok()
+}
+
+struct Sides {
+    conn: redis::aio::MultiplexedConnection,
+    cache: TieredCache,
+}
+
+async fn sides(url: &str) -> Sides {
+    let sides = Sides {
+        conn: common::raw_connection(url).await,
+        cache: common::redis_cache(url, 0).await,
+    };
+    // Both sides must hit before anything is timed.
+    let keys = common::keys(100);
+    for key in &keys {
+        assert!(raw_get(&mut sides.conn.clone(), &common::raw_key(key))
+            .await
+            .is_some());
+        assert!(sides.cache.get(key).await.is_some());
+    }
+    sides
+}
+
+fn l2_hit(c: &mut Criterion) {
+    let server = RedisServer::start().expect("redis-server for the benches");
+    let url = server.url();
+    let keys = Arc::new(common::keys(KEYS));
+    let raw_keys: Arc<Vec<String>> = Arc::new(keys.iter().map(common::raw_key).collect());
+    let stream = Arc::new(Sampler::Uniform.stream(KEYS, STREAM, 4));
+
+    // One in flight, on a current-thread runtime that also drives the sockets.
+    let rt = common::current_thread();
+    rt.block_on(common::populate(&url, &keys));
+    let s = rt.block_on(sides(&url));
+    let mut g = c.benchmark_group("l2_hit_1_in_flight");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("raw_get_decode", |b| {
+        let mut cur = Cursor::new(&stream, 0);
+        b.to_async(&rt).iter(|| {
+            let key = raw_keys[cur.next_index()].as_str();
+            let mut conn = s.conn.clone();
+            async move { raw_get(&mut conn, key).await.expect("raw hit") }
+        })
+    });
+    g.bench_function("tiered_get", |b| {
+        let mut cur = Cursor::new(&stream, 0);
+        let cache = &s.cache;
+        b.to_async(&rt).iter(|| {
+            let key = &keys[cur.next_index()];
+            async move { cache.get(key).await }
+        })
+    });
+    g.finish();
+    report(&s.cache, "1 in flight");
+    drop((s, rt));
+
+    // 64 tasks on a 2-worker runtime.
+    let rt = common::multi_thread(2);
+    let s = rt.block_on(sides(&url));
+    let manager = rt.block_on(connection_manager(&url));
+    let mut g = c.benchmark_group("l2_hit_64_tasks");
+    g.throughput(Throughput::Elements(1));
+    // 64 tasks share `iters` reads; `$read` reads key number `$i`.
+    macro_rules! tasks_bench {
+        ($name:literal, $state:expr, |$s:ident, $i:ident| $read:expr) => {
+            g.bench_function($name, |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (state, stream) = ($state, stream.clone());
+                    async move {
+                        let start = Instant::now();
+                        let tasks: Vec<_> = (0..TASKS)
+                            .map(|t| {
+                                #[allow(unused_mut)]
+                                let (mut $s, stream) = (state.clone(), stream.clone());
+                                tokio::spawn(async move {
+                                    let mut cur = Cursor::new(&stream, t as usize * 7_919);
+                                    for _ in 0..common::share(iters, TASKS, t) {
+                                        let $i = cur.next_index();
+                                        std::hint::black_box($read);
+                                    }
+                                })
+                            })
+                            .collect();
+                        for t in tasks {
+                            t.await.expect("bench task");
+                        }
+                        start.elapsed()
+                    }
+                })
+            });
+        };
+    }
+    tasks_bench!(
+        "raw_get_decode",
+        (s.conn.clone(), raw_keys.clone()),
+        |s, i| raw_get(&mut s.0, &s.1[i]).await.expect("raw hit")
+    );
+    // Ladder between raw and ours: the raw read inside the outer
+    // `tokio::time::timeout` the L2 tier puts around every command, then
+    // the same through a `ConnectionManager` (as the L2 tier uses).
+    tasks_bench!(
+        "raw_get_decode_outer_timeout",
+        (s.conn.clone(), raw_keys.clone()),
+        |s, i| tokio::time::timeout(common::L2_TIMEOUT, raw_get(&mut s.0, &s.1[i]))
+            .await
+            .expect("in time")
+            .expect("raw hit")
+    );
+    tasks_bench!(
+        "manager_get_decode_outer_timeout",
+        (manager.clone(), raw_keys.clone()),
+        |s, i| tokio::time::timeout(common::L2_TIMEOUT, manager_get(&mut s.0, &s.1[i]))
+            .await
+            .expect("in time")
+            .expect("raw hit")
+    );
+    tasks_bench!("tiered_get", (s.cache.clone(), keys.clone()), |s, i| {
+        let key: &Key<Product> = &s.1[i];
+        s.0.get(key).await
+    });
+    g.finish();
+    report(&s.cache, "64 tasks");
+    let ctx = Arc::new(Ctx {
+        conn: s.conn.clone(),
+        manager,
+        cache: s.cache.clone(),
+        keys,
+        raw_keys,
+        stream,
+    });
+    let names = [
+        "raw_get_decode",
+        "raw_get_decode_outer_timeout",
+        "manager_get_decode_outer_timeout",
+        "tiered_get",
+    ];
+    common::paired(
+        "l2 64 tasks",
+        &names,
+        common::paired_rounds(),
+        |v, round| rt.block_on(chunk_64(Arc::clone(&ctx), v, round)),
+    );
+    report(&s.cache, "64 tasks, after paired");
+    drop((s, rt, server));
+}
+
+/// What a paired round of the 64-task variants reads with.
+struct Ctx {
+    conn: redis::aio::MultiplexedConnection,
+    manager: redis::aio::ConnectionManager,
+    cache: TieredCache,
+    keys: Arc<Vec<Key<Product>>>,
+    raw_keys: Arc<Vec<String>>,
+    stream: Arc<Vec<u32>>,
+}
+
+/// One chunk of variant `v`: 64 tasks, 200 reads each.
+async fn chunk_64(ctx: Arc<Ctx>, v: usize, round: usize) -> Duration {
+    const PER_TASK: usize = 200;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..TASKS as usize)
+        .map(|t| {
+            let ctx = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                let from = (round * TASKS as usize + t) * PER_TASK;
+                let mut cur = Cursor::new(&ctx.stream, from);
+                let (mut conn, mut manager) = (ctx.conn.clone(), ctx.manager.clone());
+                for _ in 0..PER_TASK {
+                    let i = cur.next_index();
+                    let raw = ctx.raw_keys[i].as_str();
+                    let hit = match v {
+                        0 => raw_get(&mut conn, raw).await.is_some(),
+                        1 => tokio::time::timeout(common::L2_TIMEOUT, raw_get(&mut conn, raw))
+                            .await
+                            .ok()
+                            .flatten()
+                            .is_some(),
+                        2 => {
+                            tokio::time::timeout(common::L2_TIMEOUT, manager_get(&mut manager, raw))
+                                .await
+                                .ok()
+                                .flatten()
+                                .is_some()
+                        }
+                        _ => ctx.cache.get(&ctx.keys[i]).await.is_some(),
+                    };
+                    assert!(hit, "every read must hit");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("bench task");
+    }
+    start.elapsed()
+}
+
+/// Says what the cache did, so a run that measured errors or misses shows it.
+fn report(cache: &TieredCache, what: &str) {
+    let st = cache.stats();
+    println!(
+        "[l2_hit {what}] tiered stats: l2_hits={} misses={} l2_errors={} l2_skipped={}",
+        st.l2_hits, st.misses, st.l2_errors, st.l2_skipped
+    );
+    if st.misses + st.l2_errors > 0 {
+        println!("[l2_hit {what}] WARNING: the tiered side missed or failed; its figures are not L2 hits");
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = common::criterion(20, Duration::from_millis(500), Duration::from_secs(3));
+    targets = l2_hit
+}
+criterion_main!(benches);

@@ -1,0 +1,457 @@
+//! Cross-instance L1 invalidation over Redis pub/sub: the backplane.
+//!
+//! Every cache with a Redis tier has a random instance id, one publisher
+//! task and one subscriber connection on the channel `{namespace}:#backplane`.
+//! `set`, `invalidate`, `invalidate_tag` and `clear` hand an [`Event`] to the
+//! publisher *after* their Redis write; the publisher sends whatever has
+//! queued up as one postcard message, so a burst of a thousand invalidations
+//! becomes a handful of `PUBLISH`es while a lone one leaves at once (no timer
+//! adds latency). Other instances drop the named keys from their L1, learn
+//! the tag's new version and drop the tag's L1 entries, or clear their L1.
+//! A received message never touches Redis: the sender already wrote it, and
+//! N receivers re-running the write would cost N extra commands per message.
+//! An instance ignores its own messages.
+//!
+//! # Gaps
+//! Pub/sub delivers at most once: messages sent while a subscriber is away
+//! are lost. So when the subscription comes back (after `CLIENT KILL`, a
+//! Redis restart, a network cut, or a health-check `PING` without answer),
+//! the instance clears its whole L1 and forgets the tag versions it knew,
+//! and counts a gap in `stats.backplane_gaps`; it does so only *after* the
+//! new subscription is confirmed, so that no message can fall between the
+//! clear and the resubscription. While the subscription is down, L1 entries
+//! are served up to their TTL (bounded by `l1_ttl_cap`), and L2 reads check
+//! tag versions against Redis instead of trusting what this instance knew.
+//! A publisher that cannot publish retries with backoff; if events pile up
+//! meanwhile, it sends one `Flush` instead, which makes receivers treat it as
+//! a gap. A message a receiver cannot decode is treated the same way.
+//!
+//! # Why a dedicated `aio::PubSub` connection
+//! redis-rs 1.8 offers two ways to subscribe from tokio (NOTES-redis-moka §2):
+//! a RESP3 push sender on a `ConnectionManager` with automatic resubscription,
+//! or a dedicated RESP2 `aio::PubSub` whose stream ends when the connection
+//! drops. This module uses the latter and reconnects itself, because:
+//! - the moment the subscription is live again is exactly when
+//!   `subscribe().await` returns, which is when L1 must be cleared; the
+//!   manager resubscribes in the background, ignores resubscription errors
+//!   (connection_manager.rs:612-615) and only tells of the disconnection;
+//! - it needs no RESP3, so it works with any URL the L2 tier accepts, and the
+//!   subscriber is a RESP2 pub/sub client that the usual Redis tools see as
+//!   one (`CLIENT KILL TYPE pubsub`, the `pubsub` output-buffer limit);
+//! - a connection that hangs without closing (a paused server, a silent
+//!   network cut) is caught by a periodic `PING` on the same connection,
+//!   with a timeout, which the split `PubSubSink` allows beside the stream.
+//!
+//! Publishing goes through the L2 tier's multiplexed connection, under its
+//! timeout and error accounting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{PubSubSink, PubSubStream};
+use redis::{Client, ProtocolVersion};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::l1::L1;
+use crate::l2::L2;
+use crate::stats::Stats;
+use crate::tags::TagVersions;
+
+/// One invalidation, as sent between instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Event {
+    /// Drop this key (its body, without the namespace) from L1.
+    Key(String),
+    /// The tag was bumped to this version (`None`: the bump failed, drop
+    /// the tag's L1 entries anyway).
+    Tag(String, Option<u64>),
+    /// The namespace epoch was bumped to this version: clear L1.
+    Clear(Option<u64>),
+    /// The sender lost events: treat as a gap (clear L1, forget tag versions).
+    Flush,
+}
+
+/// Leading byte of every message; a message with another is not understood.
+const FORMAT: u8 = 1;
+
+/// The wire form: `FORMAT` then postcard of this.
+#[derive(Debug, Serialize, Deserialize)]
+struct Message {
+    sender: u64,
+    events: Vec<Event>,
+}
+
+/// Most events in one message (keeps messages well under 100 KB). When more
+/// than this pile up while publishing fails, one `Flush` replaces them.
+const MAX_BATCH: usize = 256;
+/// How often an idle subscriber checks its connection with a `PING`.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Reconnection backoff bounds.
+const MIN_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// After the cache is dropped, the publisher tries this many more times.
+const FINAL_ATTEMPTS: u32 = 3;
+
+/// What a received message acts on: this instance's L1, tag table and stats.
+#[derive(Debug, Clone)]
+pub(crate) struct Local {
+    pub(crate) l1: Option<L1>,
+    pub(crate) tags: Arc<TagVersions>,
+    pub(crate) stats: Arc<Stats>,
+}
+
+/// A running backplane; dropping it stops the subscriber, and the publisher
+/// once it has sent what is queued.
+#[derive(Debug)]
+pub(crate) struct Backplane {
+    tx: mpsc::UnboundedSender<Event>,
+    subscriber: JoinHandle<()>,
+}
+
+impl Drop for Backplane {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+impl Backplane {
+    /// Starts the publisher and the subscriber, and waits up to `wait` for
+    /// the first subscription (so a cache built while Redis answers is
+    /// subscribed before it is used). Until it is confirmed, tag versions
+    /// are not trusted.
+    pub(crate) async fn start(l2: &L2, local: Local, wait: Duration) -> Backplane {
+        let id = rand::random::<u64>();
+        let channel = l2.key("#backplane");
+        local.tags.set_live(false);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(publish_loop(rx, l2.clone(), channel.clone(), id));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let subscriber = Subscriber {
+            client: resp2(l2.client()),
+            channel,
+            id,
+            local,
+            timeout: l2.timeout().max(Duration::from_millis(500)),
+        };
+        let subscriber = tokio::spawn(subscriber.run(ready_tx));
+        if !wait.is_zero() {
+            let _ = tokio::time::timeout(wait, ready_rx).await;
+        }
+        Backplane { tx, subscriber }
+    }
+
+    /// Queues `event` for the other instances. Never waits.
+    pub(crate) fn publish(&self, event: Event) {
+        // Fails only when the publisher has stopped, which it does only
+        // after this handle is dropped.
+        let _ = self.tx.send(event);
+    }
+}
+
+/// The same server and settings as `client`, spoken in RESP2: `aio::PubSub`
+/// is a RESP2 connection, and a RESP2 subscriber is a `pubsub` client.
+fn resp2(client: &Client) -> Client {
+    let info = client.get_connection_info().clone();
+    let redis = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP2);
+    Client::open(info.set_redis_settings(redis)).unwrap_or_else(|_| client.clone())
+}
+
+/// Encodes one message.
+fn encode(sender: u64, events: Vec<Event>) -> (Vec<u8>, Vec<Event>) {
+    let message = Message { sender, events };
+    // Encoding strings and integers into a Vec cannot fail.
+    let bytes = postcard::to_extend(&message, vec![FORMAT]).unwrap_or_default();
+    (bytes, message.events)
+}
+
+fn decode(bytes: &[u8]) -> Option<Message> {
+    match bytes.split_first() {
+        Some((&FORMAT, body)) => postcard::from_bytes(body).ok(),
+        _ => None,
+    }
+}
+
+/// Sends queued events, batched, retrying with backoff while Redis fails.
+async fn publish_loop(mut rx: mpsc::UnboundedReceiver<Event>, l2: L2, channel: String, id: u64) {
+    let mut batch: Vec<Event> = Vec::new();
+    let mut backoff = Backoff::default();
+    let mut closed = false;
+    let mut final_attempts = 0;
+    loop {
+        if batch.is_empty() && (closed || rx.recv_many(&mut batch, MAX_BATCH).await == 0) {
+            return;
+        }
+        let (payload, events) = encode(id, std::mem::take(&mut batch));
+        let sent = l2
+            .run::<()>(redis::cmd("PUBLISH").arg(&channel).arg(payload))
+            .await;
+        if sent.is_ok() {
+            backoff.reset();
+            continue;
+        }
+        // Not sent (counted and logged by the L2 tier): keep it, add what
+        // queued meanwhile, and collapse into one `Flush` when too much piles up.
+        batch = events;
+        loop {
+            match rx.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if batch.len() > MAX_BATCH {
+            batch = vec![Event::Flush];
+        }
+        if closed {
+            final_attempts += 1;
+            if final_attempts > FINAL_ATTEMPTS {
+                return;
+            }
+        }
+        tokio::time::sleep(backoff.next()).await;
+    }
+}
+
+/// The subscriber: keeps one subscription alive and applies what arrives.
+struct Subscriber {
+    client: Client,
+    channel: String,
+    id: u64,
+    local: Local,
+    timeout: Duration,
+}
+
+impl Subscriber {
+    async fn run(self, ready: oneshot::Sender<()>) {
+        let mut ready = Some(ready);
+        let mut backoff = Backoff::default();
+        let mut subscribed_before = false;
+        let mut failing = false;
+        loop {
+            match self.subscribe().await {
+                Ok((sink, stream)) => {
+                    self.resync(subscribed_before);
+                    if subscribed_before {
+                        tracing::info!(
+                            channel = %self.channel,
+                            "backplane subscribed again; L1 cleared, as invalidations may have been missed (see stats.backplane_gaps)"
+                        );
+                    }
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
+                    }
+                    subscribed_before = true;
+                    failing = false;
+                    backoff.reset();
+                    let why = self.listen(sink, stream).await;
+                    self.local.tags.set_live(false);
+                    tracing::warn!(
+                        channel = %self.channel,
+                        reason = why,
+                        "backplane subscription lost; L1 may serve invalidated entries up to l1_ttl_cap until it is back"
+                    );
+                }
+                Err(e) => {
+                    if !failing {
+                        failing = true;
+                        tracing::warn!(channel = %self.channel, error = e, "backplane cannot subscribe; retrying with backoff");
+                    }
+                }
+            }
+            tokio::time::sleep(backoff.next()).await;
+        }
+    }
+
+    /// A new connection, subscribed (the subscription is confirmed on return).
+    async fn subscribe(&self) -> Result<(PubSubSink, PubSubStream), &'static str> {
+        let connect = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub.split())
+        };
+        match tokio::time::timeout(self.timeout * 4, connect).await {
+            Ok(Ok(split)) => Ok(split),
+            Ok(Err(_)) => Err("connection or SUBSCRIBE failed"),
+            Err(_) => Err("no answer in time"),
+        }
+    }
+
+    /// After (re)subscribing: nothing this instance knew can be trusted,
+    /// as messages may have been missed. The tag table is forgotten before
+    /// L1 is cleared, so a promotion racing this rechecks from Redis or is
+    /// undone by the clear.
+    fn resync(&self, gap: bool) {
+        self.local.tags.forget_all();
+        self.local.tags.set_live(true);
+        if let Some(l1) = &self.local.l1 {
+            l1.clear();
+        }
+        if gap {
+            self.local.stats.backplane_gaps.incr();
+        }
+    }
+
+    /// Applies messages until the connection ends or stops answering.
+    async fn listen(&self, mut sink: PubSubSink, mut stream: PubSubStream) -> &'static str {
+        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        health.tick().await; // the first tick is immediate
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => self.apply(message.get_payload_bytes()).await,
+                    None => return "connection closed",
+                },
+                _ = health.tick() => {
+                    let ping = sink.ping::<redis::Value>();
+                    match tokio::time::timeout(self.timeout * 2, ping).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => return "PING failed",
+                        Err(_) => return "no answer to PING",
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one message to this instance's L1 and tag table.
+    async fn apply(&self, payload: &[u8]) {
+        let Some(message) = decode(payload) else {
+            log_undecodable();
+            self.resync(true);
+            return;
+        };
+        if message.sender == self.id {
+            return;
+        }
+        let count = message.events.len() as u64;
+        for event in message.events {
+            self.local.apply(event).await;
+        }
+        // Counted after the drops, so a reader of the counter sees them done.
+        self.local.stats.invalidations_received.add(count);
+    }
+}
+
+impl Local {
+    async fn apply(&self, event: Event) {
+        match event {
+            Event::Key(key) => {
+                if let Some(l1) = &self.l1 {
+                    l1.invalidate(&key).await;
+                }
+            }
+            Event::Tag(tag, version) => {
+                if let Some(version) = version {
+                    self.tags.observe(&tag, version);
+                }
+                if let Some(l1) = &self.l1 {
+                    l1.invalidate_tag(&tag, version.unwrap_or(u64::MAX));
+                }
+            }
+            Event::Clear(version) => {
+                if let Some(version) = version {
+                    self.tags.observe(crate::tags::EPOCH_TAG, version);
+                }
+                if let Some(l1) = &self.l1 {
+                    l1.clear();
+                }
+            }
+            Event::Flush => {
+                self.tags.forget_all();
+                if let Some(l1) = &self.l1 {
+                    l1.clear();
+                }
+                self.stats.backplane_gaps.incr();
+            }
+        }
+    }
+}
+
+fn log_undecodable() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::warn!("a backplane message could not be decoded (another version of tiered-cache on the same namespace?); L1 cleared to stay safe (logged once)");
+    }
+}
+
+/// Exponential backoff with jitter, so a fleet does not reconnect in step.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let ceiling = MIN_BACKOFF
+            .saturating_mul(1 << self.failures.min(16))
+            .min(MAX_BACKOFF);
+        self.failures = self.failures.saturating_add(1);
+        // Between half the ceiling and the ceiling.
+        ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let events = vec![
+            Event::Key("{product:v1:7}".into()),
+            Event::Tag("products".into(), Some(1_700_000_000_000_000)),
+            Event::Tag("x".into(), None),
+            Event::Clear(Some(3)),
+            Event::Flush,
+        ];
+        let (bytes, back) = encode(42, events.clone());
+        assert_eq!(back, events);
+        let message = decode(&bytes).unwrap();
+        assert_eq!(message.sender, 42);
+        assert_eq!(message.events, events);
+    }
+
+    #[test]
+    fn a_key_invalidation_is_compact() {
+        let (bytes, _) = encode(u64::MAX, vec![Event::Key("{product:v1:7}".into())]);
+        // format + varint id (10) + count + variant + len + 14 bytes of key
+        assert!(bytes.len() <= 30, "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn other_formats_and_garbage_are_not_understood() {
+        let (mut bytes, _) = encode(1, vec![Event::Flush]);
+        bytes[0] = FORMAT + 1;
+        assert!(decode(&bytes).is_none());
+        assert!(decode(&[]).is_none());
+        assert!(decode(&[FORMAT, 0xff, 0xff]).is_none());
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::default();
+        let first = b.next();
+        assert!(first <= MIN_BACKOFF);
+        for _ in 0..20 {
+            assert!(b.next() <= MAX_BACKOFF);
+        }
+        assert!(b.next() >= MAX_BACKOFF / 2);
+        b.reset();
+        assert!(b.next() <= MIN_BACKOFF);
+    }
+}

@@ -1,0 +1,221 @@
+//! The envelope stored in Redis: a small fixed header, the entry's tags, then
+//! the codec's bytes of the value.
+//!
+//! ```text
+//! u8 format | u8 codec | u8 flags | u64 created_ms | u64 expires_ms
+//! | u64 stale_until_ms | u32 load_micros | u64 version
+//! | u16 tag count | (u16 len, utf-8 tag, u64 tag version)* | value bytes
+//! ```
+//! All integers are little-endian; times are Unix milliseconds so that every
+//! instance reads them alike. Anything that does not parse is a miss.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Bumped whenever the layout above changes; older entries become misses.
+pub(crate) const FORMAT: u8 = 0xA1;
+const FLAG_NEGATIVE: u8 = 1;
+const FIXED_HEADER: usize = 3 + 8 * 3 + 4 + 8 + 2;
+
+/// A tag and the version it had when the entry's value was loaded.
+pub(crate) type TagStamp = (Arc<str>, u64);
+
+/// Everything about an entry except its value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Meta {
+    pub(crate) created_ms: u64,
+    /// Logical expiry: after it the entry is stale.
+    pub(crate) expires_ms: u64,
+    /// End of the grace window: after it the entry is gone.
+    pub(crate) stale_until_ms: u64,
+    /// How long the last load took (XFetch's delta).
+    pub(crate) load_micros: u32,
+    /// Monotonic version of the entry, for compare-and-set writes.
+    pub(crate) version: u64,
+    pub(crate) tags: Arc<[TagStamp]>,
+}
+
+impl Meta {
+    /// The remaining time until the entry leaves Redis, if any is left.
+    pub(crate) fn remaining(&self, now_ms: u64) -> Option<Duration> {
+        self.stale_until_ms
+            .checked_sub(now_ms)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis)
+    }
+}
+
+/// A decoded envelope borrowing its value bytes from the Redis reply.
+#[derive(Debug)]
+pub(crate) struct Envelope<'a> {
+    pub(crate) meta: Meta,
+    /// `None` is a cached negative result.
+    pub(crate) value: Option<&'a [u8]>,
+}
+
+/// Why stored bytes were not a usable entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BadEntry {
+    Truncated,
+    UnknownFormat,
+    WrongCodec,
+}
+
+impl BadEntry {
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            BadEntry::Truncated => "truncated or not an entry",
+            BadEntry::UnknownFormat => "written by another format version",
+            BadEntry::WrongCodec => "written with another codec",
+        }
+    }
+}
+
+/// Writes the header for `meta` into a fresh buffer; the caller appends the
+/// value bytes (so the value is encoded once, straight into the buffer).
+pub(crate) fn encode_header(meta: &Meta, codec: u8, negative: bool, value_hint: usize) -> Vec<u8> {
+    let tags_len: usize = meta.tags.iter().map(|(t, _)| 2 + t.len() + 8).sum();
+    let mut out = Vec::with_capacity(FIXED_HEADER + tags_len + value_hint);
+    out.push(FORMAT);
+    out.push(codec);
+    out.push(if negative { FLAG_NEGATIVE } else { 0 });
+    out.extend_from_slice(&meta.created_ms.to_le_bytes());
+    out.extend_from_slice(&meta.expires_ms.to_le_bytes());
+    out.extend_from_slice(&meta.stale_until_ms.to_le_bytes());
+    out.extend_from_slice(&meta.load_micros.to_le_bytes());
+    out.extend_from_slice(&meta.version.to_le_bytes());
+    let count = u16::try_from(meta.tags.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&count.to_le_bytes());
+    for (tag, version) in meta.tags.iter().take(usize::from(count)) {
+        let bytes = &tag.as_bytes()[..tag.len().min(usize::from(u16::MAX))];
+        out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(&version.to_le_bytes());
+    }
+    out
+}
+
+/// Parses stored bytes. `codec` is the codec the reader expects.
+pub(crate) fn decode(bytes: &[u8], codec: u8) -> Result<Envelope<'_>, BadEntry> {
+    let mut r = Reader(bytes);
+    if r.u8()? != FORMAT {
+        return Err(BadEntry::UnknownFormat);
+    }
+    if r.u8()? != codec {
+        return Err(BadEntry::WrongCodec);
+    }
+    let flags = r.u8()?;
+    let created_ms = r.u64()?;
+    let expires_ms = r.u64()?;
+    let stale_until_ms = r.u64()?;
+    let load_micros = r.u32()?;
+    let version = r.u64()?;
+    let count = r.u16()?;
+    let mut tags = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = usize::from(r.u16()?);
+        let tag = std::str::from_utf8(r.take(len)?).map_err(|_| BadEntry::Truncated)?;
+        tags.push((Arc::from(tag), r.u64()?));
+    }
+    let negative = flags & FLAG_NEGATIVE != 0;
+    Ok(Envelope {
+        meta: Meta {
+            created_ms,
+            expires_ms,
+            stale_until_ms,
+            load_micros,
+            version,
+            tags: tags.into(),
+        },
+        value: if negative { None } else { Some(r.0) },
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BadEntry> {
+        if self.0.len() < n {
+            return Err(BadEntry::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], BadEntry> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, BadEntry> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, BadEntry> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, BadEntry> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, BadEntry> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, shared by all instances.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta {
+            created_ms: 1,
+            expires_ms: 2,
+            stale_until_ms: 3,
+            load_micros: 4,
+            version: 5,
+            tags: vec![(Arc::from("products"), 7), (Arc::from(""), 0)].into(),
+        }
+    }
+
+    #[test]
+    fn round_trips_header_tags_and_value() {
+        let mut bytes = encode_header(&meta(), 0, false, 3);
+        bytes.extend_from_slice(b"abc");
+        let env = decode(&bytes, 0).unwrap();
+        assert_eq!(env.meta, meta());
+        assert_eq!(env.value, Some(&b"abc"[..]));
+    }
+
+    #[test]
+    fn negative_entries_have_no_value() {
+        let bytes = encode_header(&meta(), 0, true, 0);
+        assert_eq!(decode(&bytes, 0).unwrap().value, None);
+    }
+
+    #[test]
+    fn every_truncation_is_rejected_not_panicking() {
+        let bytes = encode_header(&meta(), 0, false, 0);
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n], 0).is_err(), "prefix of {n} bytes");
+        }
+    }
+
+    #[test]
+    fn other_formats_and_codecs_are_rejected() {
+        let mut bytes = encode_header(&meta(), 0, false, 0);
+        assert_eq!(decode(&bytes, 1).unwrap_err(), BadEntry::WrongCodec);
+        bytes[0] = 0;
+        assert_eq!(decode(&bytes, 0).unwrap_err(), BadEntry::UnknownFormat);
+    }
+}

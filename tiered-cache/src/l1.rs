@@ -1,0 +1,475 @@
+//! The in-process tier: a moka cache bounded by bytes, holding decoded values.
+//!
+//! Values are type-erased `Arc`s, so a hit is a refcount bump and a downcast:
+//! nothing is copied or decoded. Each entry carries its own deadline (moka's
+//! `Expiry`), so it never outlives its Redis entry, and an optional cap keeps
+//! it shorter still for instances that might miss an invalidation.
+//!
+//! Drops are counted (per key stripe, and for whole-cache drops), so that a
+//! promotion from Redis that read its bytes *before* a drop cannot put the
+//! dropped value back *after* it: see [`L1::ticket`] and [`L1::insert_since`].
+//!
+//! A tag invalidation raises the tag's *floor*: entries stamped below it are
+//! misses. Hits check an entry against the floors only when a floor rose
+//! since the entry was last checked (one atomic load otherwise). moka's
+//! `invalidate_entries_if` alone is not enough: its sweep (moka 0.12.16,
+//! `invalidate_entries` in future/base_cache.rs) peeks one entry past each
+//! batch of 384 through the deque's persistent cursor, so that entry is
+//! never tested, and reads stop checking once the predicate is retired. The
+//! predicate is still registered, to free the memory of most such entries.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::Expiry;
+use tokio::sync::Mutex;
+
+use crate::entry::Meta;
+
+/// A decoded value as held in L1.
+pub(crate) type AnyValue = Arc<dyn Any + Send + Sync>;
+
+/// What moka charges an entry beyond its key and value bytes (the entry
+/// struct, its Arc, moka's node), so tiny values cannot overfill the bound.
+const ENTRY_OVERHEAD: usize = 160;
+
+/// One L1 entry: the decoded value (or a cached `None`) and its metadata.
+#[derive(Debug)]
+pub(crate) struct L1Entry {
+    /// `None` is a cached negative result.
+    pub(crate) value: Option<AnyValue>,
+    /// Until then the value is fresh; after it, stale (inside the grace window).
+    pub(crate) fresh_until: Instant,
+    /// When moka drops the entry: the end of the grace window, or the L1 cap.
+    pub(crate) drop_at: Instant,
+    pub(crate) meta: Meta,
+    pub(crate) weight: u32,
+    /// A stale value kept "fresh" for a short while after a failed refresh
+    /// (the fail-safe throttle): hits on it are counted as stale served.
+    pub(crate) failsafe: bool,
+    /// The floor generation at which the entry was last found above every
+    /// tag floor; `Default` (never checked) for a new entry.
+    pub(crate) checked: Checked,
+    /// How many times L1 had been cleared when the entry was built.
+    clears: u64,
+}
+
+/// See [`L1Entry::checked`].
+#[derive(Debug, Default)]
+pub(crate) struct Checked(AtomicU64);
+
+/// Tag floors: an entry stamped with a tag version below the tag's floor was
+/// invalidated.
+#[derive(Debug)]
+struct Floors {
+    /// Bumped after every raise; starts at 1 so that new entries get checked.
+    generation: AtomicU64,
+    floors: RwLock<HashMap<Arc<str>, u64>>,
+}
+
+impl Floors {
+    fn raise(&self, tag: &str, version: u64) {
+        {
+            let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
+            let floor = floors.entry(Arc::from(tag)).or_insert(0);
+            *floor = (*floor).max(version);
+        }
+        self.generation.fetch_add(1, SeqCst);
+    }
+
+    fn reset(&self) {
+        self.floors
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        self.generation.fetch_add(1, SeqCst);
+    }
+
+    fn outdate(&self, meta: &Meta) -> bool {
+        let floors = self.floors.read().unwrap_or_else(PoisonError::into_inner);
+        !floors.is_empty()
+            && meta
+                .tags
+                .iter()
+                .any(|(tag, version)| floors.get(tag).is_some_and(|floor| version < floor))
+    }
+}
+
+impl L1Entry {
+    pub(crate) fn is_fresh(&self, now: Instant) -> bool {
+        now < self.fresh_until
+    }
+}
+
+/// The L1 tier.
+#[derive(Debug, Clone)]
+pub(crate) struct L1 {
+    cache: Cache<Arc<str>, Arc<L1Entry>>,
+    ttl_cap: Option<Duration>,
+    drops: Arc<Drops>,
+    floors: Arc<Floors>,
+}
+
+/// Key drops are counted in this many stripes (a power of two): a drop of
+/// one key disturbs only the promotions of keys in its stripe.
+const DROP_STRIPES: usize = 64;
+
+/// How many drops happened: of keys, by stripe, and of many entries at once
+/// (a clear); and per stripe, the lock that orders key drops and promotions.
+#[derive(Debug)]
+struct Drops {
+    many: AtomicU64,
+    keys: [AtomicU64; DROP_STRIPES],
+    locks: [Mutex<()>; DROP_STRIPES],
+}
+
+/// The drop counts seen before a read of Redis began; see [`L1::insert_since`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ticket {
+    many: u64,
+    key: u64,
+    stripe: usize,
+}
+
+fn stripe_of(key: &str) -> usize {
+    // FNV-1a: cheap, and any spread is good enough for 64 stripes.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash as usize) & (DROP_STRIPES - 1)
+}
+
+struct PerEntryDeadline;
+
+impl Expiry<Arc<str>, Arc<L1Entry>> for PerEntryDeadline {
+    fn expire_after_create(
+        &self,
+        _key: &Arc<str>,
+        entry: &Arc<L1Entry>,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(entry.drop_at.saturating_duration_since(created_at))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Arc<str>,
+        entry: &Arc<L1Entry>,
+        updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        // An update replaces the value, so its own deadline applies.
+        Some(entry.drop_at.saturating_duration_since(updated_at))
+    }
+}
+
+impl L1 {
+    pub(crate) fn new(max_bytes: u64, ttl_cap: Option<Duration>) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_key: &Arc<str>, entry: &Arc<L1Entry>| entry.weight)
+            .expire_after(PerEntryDeadline)
+            .support_invalidation_closures()
+            .build();
+        let drops = Arc::new(Drops {
+            many: AtomicU64::new(0),
+            keys: std::array::from_fn(|_| AtomicU64::new(0)),
+            locks: std::array::from_fn(|_| Mutex::new(())),
+        });
+        let floors = Arc::new(Floors {
+            generation: AtomicU64::new(1),
+            floors: RwLock::default(),
+        });
+        L1 {
+            cache,
+            ttl_cap,
+            drops,
+            floors,
+        }
+    }
+
+    #[inline]
+    pub(crate) async fn get(&self, key: &str) -> Option<Arc<L1Entry>> {
+        let entry = self.cache.get(key).await?;
+        let generation = self.floors.generation.load(SeqCst);
+        if entry.checked.0.load(Relaxed) == generation {
+            return Some(entry);
+        }
+        self.check_floors(entry, generation)
+    }
+
+    /// A hit after a floor rose or L1 was cleared: a miss if one of its tags
+    /// is below its floor, or if it was built before the last clear (a
+    /// promotion racing the clear). The entry stays until replaced, swept or
+    /// expired; it is not served.
+    #[cold]
+    fn check_floors(&self, entry: Arc<L1Entry>, generation: u64) -> Option<Arc<L1Entry>> {
+        if entry.clears != self.drops.many.load(SeqCst) || self.floors.outdate(&entry.meta) {
+            return None;
+        }
+        entry.checked.0.store(generation, Relaxed);
+        Some(entry)
+    }
+
+    /// Builds the entry for `value`: fresh for `fresh_for`, kept for `keep_for`
+    /// (both from now), shortened by the L1 cap. `size` is the encoded size.
+    pub(crate) fn entry(
+        &self,
+        key: &str,
+        value: Option<AnyValue>,
+        meta: Meta,
+        fresh_for: Duration,
+        keep_for: Duration,
+        size: usize,
+    ) -> Arc<L1Entry> {
+        let now = Instant::now();
+        let keep_for = self.ttl_cap.map_or(keep_for, |cap| keep_for.min(cap));
+        let weight = (key.len() + size + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32;
+        Arc::new(L1Entry {
+            value,
+            fresh_until: now + fresh_for.min(keep_for),
+            drop_at: now + keep_for,
+            meta,
+            weight,
+            failsafe: false,
+            checked: Checked::default(),
+            clears: self.drops.many.load(SeqCst),
+        })
+    }
+
+    /// A copy of `stale` served as if fresh until `fresh_until` (never past
+    /// its own drop), for the fail-safe throttle; see [`L1Entry::failsafe`].
+    pub(crate) fn failsafe_copy(&self, stale: &L1Entry, fresh_until: Instant) -> Arc<L1Entry> {
+        Arc::new(L1Entry {
+            value: stale.value.clone(),
+            fresh_until: fresh_until.min(stale.drop_at),
+            drop_at: stale.drop_at,
+            meta: stale.meta.clone(),
+            weight: stale.weight,
+            failsafe: true,
+            checked: Checked::default(),
+            clears: stale.clears,
+        })
+    }
+
+    /// An entry for a cache without L1, never inserted: only its value and
+    /// freshness are read.
+    pub(crate) fn detached(
+        value: Option<AnyValue>,
+        meta: Meta,
+        fresh_for: Duration,
+        keep_for: Duration,
+    ) -> Arc<L1Entry> {
+        let now = Instant::now();
+        Arc::new(L1Entry {
+            value,
+            fresh_until: now + fresh_for.min(keep_for),
+            drop_at: now + keep_for,
+            meta,
+            weight: 0,
+            failsafe: false,
+            checked: Checked::default(),
+            clears: 0,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn insert(&self, key: &str, entry: Arc<L1Entry>) {
+        if entry.drop_at > Instant::now() {
+            self.cache.insert(Arc::from(key), entry).await;
+        } else {
+            self.cache.invalidate(key).await;
+        }
+    }
+
+    /// Takes note of the drops so far, before reading `key` from Redis.
+    #[inline]
+    pub(crate) fn ticket(&self, key: &str) -> Ticket {
+        let stripe = stripe_of(key);
+        Ticket {
+            many: self.drops.many.load(SeqCst),
+            key: self.drops.keys[stripe].load(SeqCst),
+            stripe,
+        }
+    }
+
+    fn dropped_since(&self, ticket: Ticket) -> bool {
+        self.drops.many.load(SeqCst) != ticket.many
+            || self.drops.keys[ticket.stripe].load(SeqCst) != ticket.key
+    }
+
+    /// Inserts `entry` unless `key` may have been dropped since `ticket` was
+    /// taken; returns whether it was kept. Without this, a read that fetched
+    /// the old value from Redis just before an invalidation arrived would
+    /// put it back into L1 just after the drop, and serve it until its TTL.
+    ///
+    /// The check and the insert hold the key's stripe lock, and so does the
+    /// removal in [`L1::invalidate`], which counts the drop first: either the
+    /// insert comes first and the removal takes it out, or the check sees
+    /// the drop. (Checking again after a plain insert and removing would
+    /// leave a moment in which a reader that came after the drop is served
+    /// the old value.) A clear takes no lock: an entry built before it is a
+    /// miss on its next hit ([`L1::check_floors`]). A drop of a neighbour in
+    /// the stripe costs a missed promotion, never a stale hit.
+    pub(crate) async fn insert_since(
+        &self,
+        key: &str,
+        entry: Arc<L1Entry>,
+        ticket: Ticket,
+    ) -> bool {
+        if self.dropped_since(ticket) {
+            return false;
+        }
+        let _stripe = self.drops.locks[ticket.stripe].lock().await;
+        if self.dropped_since(ticket) {
+            return false;
+        }
+        if entry.drop_at > Instant::now() {
+            self.cache.insert(Arc::from(key), entry).await;
+            true
+        } else {
+            self.cache.invalidate(key).await;
+            false
+        }
+    }
+
+    pub(crate) async fn invalidate(&self, key: &str) {
+        let stripe = stripe_of(key);
+        self.drops.keys[stripe].fetch_add(1, SeqCst);
+        let _stripe = self.drops.locks[stripe].lock().await;
+        self.cache.invalidate(key).await;
+    }
+
+    /// Drops every entry (they are hidden at once, removed lazily).
+    pub(crate) fn clear(&self) {
+        self.drops.many.fetch_add(1, SeqCst);
+        self.cache.invalidate_all();
+        // No entry is left for a floor to hide, and entries added from now on
+        // are judged against current tag versions first. Keeping the floors
+        // would be wrong after a Redis restart: counters start again lower.
+        // The reset also bumps the generation, after the count above, so a
+        // promotion that slipped in during the clear is checked on its next
+        // hit and found built before it.
+        self.floors.reset();
+    }
+
+    /// Drops every entry that carries `tag` at a version below `version`:
+    /// at once for reads (the floor), and from memory by moka's sweep.
+    /// (Promotions in flight need no ticket here: they are checked against
+    /// the floor on their first hit.)
+    pub(crate) fn invalidate_tag(&self, tag: &str, version: u64) {
+        self.floors.raise(tag, version);
+        let tag: Arc<str> = Arc::from(tag);
+        let dropped = self.cache.invalidate_entries_if(move |_, entry| {
+            entry
+                .meta
+                .tags
+                .iter()
+                .any(|(t, v)| *t == tag && *v < version)
+        });
+        if dropped.is_err() {
+            // Closures are enabled in `new`; should that ever change, be safe.
+            self.clear();
+        }
+    }
+
+    /// Sum of the weights of live entries, after pending maintenance.
+    pub(crate) async fn weighted_size(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.weighted_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(l1: &L1, key: &str) -> Arc<L1Entry> {
+        let value: AnyValue = Arc::new(1_u32);
+        let ttl = Duration::from_secs(60);
+        l1.entry(key, Some(value), Meta::default(), ttl, ttl, 4)
+    }
+
+    #[tokio::test]
+    async fn a_promotion_read_before_a_drop_is_not_kept() {
+        let l1 = L1::new(1 << 20, None);
+        let ticket = l1.ticket("k");
+        l1.invalidate("k").await; // the drop lands while Redis is being read
+        assert!(!l1.insert_since("k", entry(&l1, "k"), ticket).await);
+        assert!(l1.get("k").await.is_none());
+
+        let ticket = l1.ticket("k");
+        l1.clear();
+        assert!(!l1.insert_since("k", entry(&l1, "k"), ticket).await);
+
+        let ticket = l1.ticket("k");
+        assert!(l1.insert_since("k", entry(&l1, "k"), ticket).await);
+        assert!(l1.get("k").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_entry_built_before_a_clear_is_not_served_after_it() {
+        let l1 = L1::new(1 << 20, None);
+        let ticket = l1.ticket("k");
+        let built = entry(&l1, "k");
+        // The promotion's check passed just before the clear; its insert
+        // lands just after it (the clear takes no key lock).
+        assert!(l1.insert_since("k", Arc::clone(&built), ticket).await);
+        l1.clear();
+        l1.cache.insert(Arc::from("k"), built).await;
+        assert!(l1.get("k").await.is_none(), "served after the clear");
+        let fresh = entry(&l1, "k");
+        assert!(l1.insert_since("k", fresh, l1.ticket("k")).await);
+        assert!(l1.get("k").await.is_some());
+    }
+
+    /// moka's sweep skips one entry per batch of 384; the floors do not.
+    #[tokio::test]
+    async fn a_tag_invalidation_drops_every_entry_of_the_tag() {
+        let l1 = L1::new(64 << 20, None);
+        let tagged = |version| Meta {
+            tags: vec![(Arc::from("bulk"), version)].into(),
+            ..Meta::default()
+        };
+        let ttl = Duration::from_secs(300);
+        for i in 0..5_000_u32 {
+            let key = format!("k{i}");
+            let value: AnyValue = Arc::new(i);
+            l1.insert(&key, l1.entry(&key, Some(value), tagged(1), ttl, ttl, 4))
+                .await;
+        }
+        let value: AnyValue = Arc::new(0_u32);
+        l1.insert(
+            "newer",
+            l1.entry("newer", Some(value), tagged(2), ttl, ttl, 4),
+        )
+        .await;
+        l1.invalidate_tag("bulk", 2);
+        l1.cache.run_pending_tasks().await;
+        let mut survivors = 0;
+        for i in 0..5_000 {
+            survivors += usize::from(l1.get(&format!("k{i}")).await.is_some());
+        }
+        assert_eq!(survivors, 0);
+        assert!(
+            l1.get("newer").await.is_some(),
+            "stamped at the new version"
+        );
+    }
+
+    #[tokio::test]
+    async fn drops_of_keys_in_other_stripes_do_not_disturb() {
+        let l1 = L1::new(1 << 20, None);
+        let other = (0..1000)
+            .map(|i| format!("o{i}"))
+            .find(|o| stripe_of(o) != stripe_of("k"))
+            .unwrap();
+        let ticket = l1.ticket("k");
+        l1.invalidate(&other).await;
+        assert!(l1.insert_since("k", entry(&l1, "k"), ticket).await);
+    }
+}

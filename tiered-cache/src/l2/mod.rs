@@ -1,0 +1,310 @@
+//! The shared tier: Redis through one multiplexed, self-reconnecting
+//! connection. All Redis traffic of the cache goes through this module.
+//!
+//! Every command runs under the configured timeout, so a slow or paused Redis
+//! costs a request at most that long. Failures are returned to the read path,
+//! which degrades around them; this module counts them and logs once per
+//! incident (the first failure after a success, and the recovery).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, FromRedisValue, RedisError};
+
+use crate::entry::now_ms;
+use crate::error::{Error, ErrorKind};
+use crate::stats::Stats;
+
+/// Why a Redis call did not give an answer.
+#[derive(Debug)]
+pub(crate) enum L2Fault {
+    /// The key holds another Redis type (a list, a hash): treat as bad entry.
+    WrongType,
+    /// No answer within the configured timeout.
+    Timeout,
+    /// Redis or the connection failed.
+    Redis(RedisError),
+    /// Not tried: Redis failed moments ago and is given a short rest.
+    Resting,
+}
+
+impl L2Fault {
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            L2Fault::WrongType => Error::new(ErrorKind::L2, "a key holds a value of another Redis type"),
+            L2Fault::Resting => Error::new(
+                ErrorKind::L2,
+                "Redis failed moments ago; the cache is serving without it and retries shortly",
+            ),
+            L2Fault::Timeout => Error::new(
+                ErrorKind::Timeout,
+                "Redis did not answer within the L2 timeout; check the server or raise `l2_timeout`",
+            ),
+            L2Fault::Redis(e) => Error::new(
+                ErrorKind::L2,
+                "a Redis command failed; the cache keeps serving from L1 and the loader",
+            )
+            .with_source(e),
+        }
+    }
+}
+
+/// A Redis URL. Its `Debug` hides the credentials and query, so no derived
+/// `Debug` of a struct holding one (the builder, the config) prints a password.
+#[derive(Clone)]
+pub(crate) struct RedisUrl(String);
+
+impl RedisUrl {
+    pub(crate) fn new(url: String) -> Self {
+        RedisUrl(url)
+    }
+
+    /// The full URL, passwords included: for connecting, never for printing.
+    pub(crate) fn as_secret_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// `scheme://***@host:port/db?***`: the user info (user and password) and
+/// the query (which may carry a password too) are replaced. The user info
+/// ends at the last `@` before the query, whatever the password contains.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<redacted>".to_owned();
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, _)) => (rest, "?***"),
+        None => (rest, ""),
+    };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}{query}", &rest[at + 1..]),
+        None => format!("{scheme}://{rest}{query}"),
+    }
+}
+
+/// Connection settings for [`L2::connect`].
+#[derive(Debug, Clone)]
+pub(crate) struct L2Config {
+    pub(crate) url: RedisUrl,
+    pub(crate) namespace: String,
+    pub(crate) timeout: Duration,
+}
+
+/// The Redis tier.
+#[derive(Clone)]
+pub(crate) struct L2 {
+    conn: ConnectionManager,
+    /// For connections of other kinds (the backplane's subscriber).
+    client: Client,
+    namespace: Arc<str>,
+    timeout: Duration,
+    stats: Arc<Stats>,
+    failing: Arc<AtomicBool>,
+    /// Until then (Unix ms), commands are not sent: Redis just failed.
+    resting_until_ms: Arc<AtomicU64>,
+}
+
+/// After a failure, how long commands skip Redis before one is tried again.
+/// It keeps a down Redis from costing every request a timeout; the circuit
+/// breaker (a later addition) will refine it.
+const REST_AFTER_FAILURE: Duration = Duration::from_millis(500);
+
+impl std::fmt::Debug for L2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the client: its connection info may hold a password.
+        f.debug_struct("L2")
+            .field("namespace", &self.namespace)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl L2 {
+    /// Opens a lazily connecting, self-reconnecting connection. The returned
+    /// tier works even when Redis is not reachable yet; `ping` tells.
+    pub(crate) fn connect(config: &L2Config, stats: Arc<Stats>) -> Result<Self, Error> {
+        let client = Client::open(config.url.as_secret_str()).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                "the Redis URL is not valid (expected redis://host:port/db or rediss:// with the `tls` feature)",
+            )
+            .with_source(redact(e))
+        })?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(100))))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client
+            .get_connection_manager_lazy(manager_config)
+            .map_err(|e| {
+                Error::new(ErrorKind::Config, "could not set up the Redis connection")
+                    .with_source(redact(e))
+            })?;
+        Ok(L2 {
+            conn,
+            client,
+            namespace: Arc::from(config.namespace.as_str()),
+            timeout: config.timeout,
+            stats,
+            failing: Arc::new(AtomicBool::new(false)),
+            resting_until_ms: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The client the tier was opened with, to open connections of other
+    /// kinds (a pub/sub subscriber) to the same server with the same settings.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The L2 timeout, which bounds every command.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The Redis key of an entry, or of any other key of this namespace.
+    pub(crate) fn key(&self, body: &str) -> String {
+        let mut k = String::with_capacity(self.namespace.len() + 1 + body.len());
+        k.push_str(&self.namespace);
+        k.push(':');
+        k.push_str(body);
+        k
+    }
+
+    /// Runs one command under the timeout, counting and logging failures.
+    pub(crate) async fn run<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, L2Fault> {
+        if self.resting_until_ms.load(Ordering::Relaxed) > now_ms() {
+            self.stats.l2_skipped.incr();
+            return Err(L2Fault::Resting);
+        }
+        let mut conn = self.conn.clone();
+        let outcome =
+            match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) if e.code() == Some("WRONGTYPE") => return Err(L2Fault::WrongType),
+                Ok(Err(e)) => Err(L2Fault::Redis(e)),
+                Err(_) => Err(L2Fault::Timeout),
+            };
+        self.record(&outcome);
+        outcome
+    }
+
+    fn record<T>(&self, outcome: &Result<T, L2Fault>) {
+        match outcome {
+            Ok(_) => {
+                if self.failing.load(Ordering::Relaxed)
+                    && self.failing.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!(namespace = %self.namespace, "Redis answers again; the L2 tier is back in use");
+                }
+            }
+            Err(fault) => {
+                self.stats.l2_errors.incr();
+                if !matches!(fault, L2Fault::WrongType) {
+                    let until = now_ms() + REST_AFTER_FAILURE.as_millis() as u64;
+                    self.resting_until_ms.store(until, Ordering::Relaxed);
+                }
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        namespace = %self.namespace,
+                        error = %describe(fault),
+                        "Redis failed; serving from L1 and the loader until it recovers (logged once per incident)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// PING, to learn whether Redis is reachable now.
+    pub(crate) async fn ping(&self) -> Result<(), L2Fault> {
+        self.run::<String>(&redis::cmd("PING")).await.map(drop)
+    }
+
+    /// GET of one entry.
+    pub(crate) async fn get(&self, body: &str) -> Result<Option<Vec<u8>>, L2Fault> {
+        self.run(redis::cmd("GET").arg(self.key(body))).await
+    }
+
+    /// MGET of many entries in one round trip. Keys holding another type read
+    /// as `None` (MGET never fails on them).
+    pub(crate) async fn mget(&self, bodies: &[&str]) -> Result<Vec<Option<Vec<u8>>>, L2Fault> {
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for body in bodies {
+            cmd.arg(self.key(body));
+        }
+        self.run(&cmd).await
+    }
+
+    /// SET with a millisecond TTL (at least 1 ms, so sub-second TTLs work).
+    pub(crate) async fn set(&self, body: &str, bytes: &[u8], ttl: Duration) -> Result<(), L2Fault> {
+        let ms = ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+        self.run::<()>(
+            redis::cmd("SET")
+                .arg(self.key(body))
+                .arg(bytes)
+                .arg("PX")
+                .arg(ms),
+        )
+        .await
+    }
+
+    /// UNLINK (non-blocking delete) of entries.
+    pub(crate) async fn del(&self, bodies: &[&str]) -> Result<(), L2Fault> {
+        if bodies.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("UNLINK");
+        for body in bodies {
+            cmd.arg(self.key(body));
+        }
+        self.run::<()>(&cmd).await
+    }
+}
+
+fn describe(fault: &L2Fault) -> String {
+    match fault {
+        L2Fault::WrongType => "WRONGTYPE".to_owned(),
+        L2Fault::Timeout => "timeout".to_owned(),
+        L2Fault::Resting => "resting".to_owned(),
+        L2Fault::Redis(e) => format!("{:?}: {}", e.kind(), e.code().unwrap_or("io")),
+    }
+}
+
+/// Connection errors may quote the URL; keep only the kind.
+fn redact(e: RedisError) -> Error {
+    Error::new(ErrorKind::Config, format!("{:?}", e.kind()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_a_url_hides_credentials_and_query() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://:secret@h:1", "redis://***@h:1"),
+            ("rediss://app:secret@h:1/2", "rediss://***@h:1/2"),
+            ("redis://app:se@c/r@et@h:1", "redis://***@h:1"),
+            (
+                "redis+unix:///run/r.sock?pass=secret",
+                "redis+unix:///run/r.sock?***",
+            ),
+            ("not a url secret", "<redacted>"),
+        ] {
+            assert_eq!(format!("{:?}", RedisUrl::new(url.to_owned())), shown);
+        }
+    }
+}

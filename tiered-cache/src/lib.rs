@@ -1,0 +1,122 @@
+//! A two-tier cache for async services: an in-process L1 ([moka]) in front
+//! of a shared L2 (Redis), behind typed, versioned keys.
+//!
+//! # Design
+//!
+//! **Read path.** An L1 hit returns an `Arc` of the decoded value: no copy,
+//! no decode. An L1 miss reads Redis and promotes the entry to L1 for its
+//! remaining TTL. A miss in both runs the loader once per key in this
+//! process (single-flight); every concurrent caller gets its result or its
+//! error, and errors are never cached.
+//!
+//! **Keeping the database safe.** Hits refresh hot entries in the background
+//! shortly before they expire (XFetch, probabilistic early refresh), so no
+//! caller waits on the loader. An entry can have a `stale` grace window:
+//! after expiry it is served while one refresh runs, and served again when
+//! the loader fails or exceeds its soft timeout (fail-safe).
+//!
+//! **Correct keys.** A [`Key<V>`](Key) names an entity, a schema version and
+//! arguments, and can only yield a `V`. Its encoding is injective, so two
+//! different argument tuples never share an entry; a changed schema version
+//! reads old entries as misses, never as garbage.
+//!
+//! **Failure modes.** Redis down, slow or returning errors never fails a read:
+//! every Redis command has a timeout, failures are counted in
+//! [`stats`](TieredCache::stats) and logged once per incident, and the cache
+//! serves from L1 and the loader until Redis answers again. Bytes in Redis
+//! that do not decode are a counted miss and are deleted. Connection strings
+//! are never logged.
+//!
+//! **Tags.** [`invalidate_tag`](TieredCache::invalidate_tag) is O(1): tags
+//! carry version counters, and entries stamped with an older version read
+//! as misses. [`clear`](TieredCache::clear) does the same for a whole
+//! namespace: every entry also carries the namespace's epoch.
+//!
+//! **Coherence.** Instances sharing a Redis tell each other, over Redis
+//! pub/sub, which keys they overwrote or invalidated and which tags they
+//! bumped; the others drop those entries from their L1 (without touching
+//! Redis again). An instance whose subscription was lost clears its L1 when
+//! it is back, since it may have missed messages (`stats.backplane_gaps`);
+//! until then its L1 serves entries at most up to
+//! [`l1_ttl_cap`](TieredCacheBuilder::l1_ttl_cap).
+//!
+//! # Tour
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tiered_cache::Error> {
+//! use std::time::Duration;
+//! use tiered_cache::{EntryOptions, Key, TieredCache};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Product { id: u64, name: String }
+//!
+//! // Add `.redis("redis://127.0.0.1:6379")` for the shared tier.
+//! let cache = TieredCache::builder()
+//!     .namespace("shop")
+//!     .l1_max_bytes(16 << 20)
+//!     .default_ttl(Duration::from_secs(300))
+//!     .build()
+//!     .await?;
+//!
+//! let key = Key::<Product>::new("product", 1).arg(7);
+//! let opts = EntryOptions::mins(30).tag("products");
+//! let product = cache
+//!     .get_or_load(&key, &opts, || async {
+//!         Ok::<_, std::io::Error>(Product { id: 7, name: "lamp".into() })
+//!     })
+//!     .await
+//!     .expect("the loader does not fail");
+//! assert_eq!(product.name, "lamp");
+//! assert!(cache.get(&key).await.is_some());
+//!
+//! cache.invalidate_tag("products").await?;
+//! assert!(cache.get(&key).await.is_none());
+//! # Ok(()) }
+//! ```
+#![cfg_attr(not(test), forbid(clippy::panic))]
+#![warn(missing_docs, unreachable_pub)]
+
+mod backplane;
+mod cache;
+mod codec;
+mod entry;
+mod error;
+mod flight;
+mod global;
+mod key;
+mod l1;
+mod l2;
+mod loader;
+mod options;
+mod refresh;
+mod stats;
+mod tags;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use cache::{TieredCache, TieredCacheBuilder};
+pub use codec::{Codec, Postcard};
+pub use error::{Error, ErrorKind, LoadError, Result};
+pub use key::Key;
+pub use options::EntryOptions;
+pub use stats::StatsSnapshot;
+
+pub use global::{install, installed, try_installed};
+#[cfg(feature = "macros")]
+pub use tiered_cache_macros::cached;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+/// The `#[cached]` documentation's examples, compiled and run as doctests
+/// here (the macro crate cannot depend on the runtime).
+#[cfg(all(doctest, feature = "macros"))]
+#[doc = include_str!("../../tiered-cache-macros/src/cached.md")]
+pub struct CachedMacroDoctests;
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

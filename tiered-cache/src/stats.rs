@@ -1,0 +1,106 @@
+//! Counters of what the cache did, cheap enough for the hit path.
+//!
+//! Hot counters are striped over cache-line-padded slots picked per thread,
+//! so two cores hitting the cache do not fight over one cache line.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+const STRIPES: usize = 8;
+
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Padded(AtomicU64);
+
+/// A counter that many threads add to and few read.
+#[derive(Debug, Default)]
+pub(crate) struct Counter([Padded; STRIPES]);
+
+impl Counter {
+    #[inline]
+    pub(crate) fn incr(&self) {
+        self.add(1);
+    }
+
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.0[stripe()].0.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0.iter().map(|p| p.0.load(Relaxed)).sum()
+    }
+}
+
+#[inline]
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
+}
+
+macro_rules! stats {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// The live counters of one cache.
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats {
+            $( pub(crate) $name: Counter, )*
+        }
+
+        /// A point-in-time copy of a cache's counters, from
+        /// [`TieredCache::stats`](crate::TieredCache::stats).
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct StatsSnapshot {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $( $name: self.$name.get(), )* }
+            }
+        }
+    };
+}
+
+stats! {
+    /// Reads answered from the in-process tier.
+    l1_hits,
+    /// Reads answered from Redis (and promoted to L1).
+    l2_hits,
+    /// Reads that found nothing usable in either tier.
+    misses,
+    /// Reads that found a cached negative (`None`) result.
+    negative_hits,
+    /// Loader runs started.
+    loads,
+    /// Loader runs that returned an error (never cached).
+    load_errors,
+    /// Callers that waited on another caller's load instead of loading.
+    coalesced_waits,
+    /// Background refreshes started by XFetch before expiry.
+    early_refreshes,
+    /// Background refreshes started because a caller met a stale entry.
+    stale_refreshes,
+    /// Stale values returned because a refresh failed, timed out or was running.
+    stale_served,
+    /// Loads that exceeded their soft or hard timeout.
+    loader_timeouts,
+    /// Entries in Redis that could not be decoded (treated as misses and deleted).
+    decode_failures,
+    /// Redis commands that failed or timed out (the cache degraded around them).
+    l2_errors,
+    /// Redis commands not sent because Redis failed moments ago.
+    l2_skipped,
+    /// Values not written to Redis because they exceeded the size limit.
+    oversized_skips,
+    /// Entries dropped because one of their tags was invalidated after they were written.
+    tag_stale_drops,
+    /// Invalidations (of a key, a tag, the namespace) received from other
+    /// instances over the backplane and applied to L1; counted after they are applied.
+    invalidations_received,
+    /// Times L1 was cleared because invalidations may have been missed: the
+    /// subscription was lost and is back, or a peer could not publish.
+    backplane_gaps,
+}

@@ -1,0 +1,284 @@
+//! Tag-based invalidation by version counters.
+//!
+//! Each tag has a version in Redis (`{namespace}:#tag:{tag}`, one key per
+//! tag, and every command touches one key, so it works unchanged in Redis
+//! Cluster). An entry records the version of each of its tags as it was
+//! *before* its value was loaded. Invalidating a tag bumps its version with
+//! one single-key script: O(1) whatever the number of entries, no KEYS/SCAN,
+//! no huge DEL. A reader treats an entry as a miss when any of its tag stamps
+//! is older than the tag's current version; the old entries then expire in
+//! Redis on their own TTL. Because the stamp is taken before the load, a slow
+//! load that races an invalidation stores an entry that is already stale.
+//!
+//! # Why counters, not a reverse index
+//! A reverse index (a Redis set of the keys of each tag) makes invalidation
+//! O(entries): 100,000 keys to read and delete, in batches to keep Redis
+//! responsive; every write pays an extra `SADD` (in Cluster, into another
+//! slot, so not atomic with the `SET`), and the sets need their own expiry
+//! bookkeeping. Counters cost one small key per tag and a few bytes per
+//! entry, and invalidating ten entries or ten million is the same command.
+//! Their price is that a reader must know current versions; the rest of this
+//! module is about knowing them, and the backplane is what keeps them known.
+//!
+//! # Versions never go backwards
+//! A bump sets `max(previous + 1, Redis server time in µs)` rather than
+//! `INCR`: if the counter key is lost (Redis restarted empty, `FLUSHALL`,
+//! evicted under an `allkeys-*` policy), the next bump still exceeds every
+//! version issued before, so an entry stamped with an old version cannot
+//! become current again (with `INCR` it would, from the restart on).
+//!
+//! # What an instance knows
+//! Each instance keeps the versions it knows in memory; knowledge only grows.
+//! It learns newer versions from its own bumps, from entries it reads (a
+//! stamp newer than known) and from the backplane. A tag it does not know is
+//! read from Redis (one `MGET` for all of an entry's unknown tags) before an
+//! entry is judged, never assumed to be 0: that would accept entries
+//! invalidated before this instance started. Known versions are trusted only
+//! while they are *live*: while the backplane is subscribed, or when there
+//! is no Redis (and so no other instance). When the subscription is lost, or
+//! the backplane is off, every judgement reads the versions from Redis first
+//! (one more round trip per L2 read of an entry), and on resubscription the
+//! table is forgotten along with L1.
+//!
+//! # The namespace epoch
+//! Every entry also carries an implicit tag, [`EPOCH_TAG`] (its counter is
+//! `{namespace}:#epoch`). `clear()` bumps it, which makes every entry of the
+//! namespace a miss on every instance, without KEYS or SCAN. Tag names that
+//! start with a NUL character are reserved for this.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::entry::TagStamp;
+use crate::key::escape_into;
+use crate::l2::L2;
+
+/// The implicit tag of every entry; `clear()` bumps it.
+pub(crate) const EPOCH_TAG: &str = "\0ns";
+
+/// Sets a tag's version to `max(previous + 1, server time in µs)`. One key,
+/// so it runs in Redis Cluster; `TIME` is allowed in scripts since Redis 5
+/// (effects replication).
+const BUMP_SCRIPT: &str = "\
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if now > cur + 1 then return redis.call('INCRBY', KEYS[1], now - cur) end
+return redis.call('INCR', KEYS[1])";
+
+/// The tag versions this instance knows.
+#[derive(Debug)]
+pub(crate) struct TagVersions {
+    known: RwLock<HashMap<Arc<str>, u64>>,
+    /// Whether `known` is kept current by the backplane (or needs no
+    /// keeping, without Redis). When false, versions are re-read from Redis
+    /// before they are relied on.
+    live: AtomicBool,
+}
+
+impl Default for TagVersions {
+    /// A table for a cache without Redis: its own bumps are all there is.
+    fn default() -> Self {
+        Self::new(true)
+    }
+}
+
+impl TagVersions {
+    /// An empty table; `live` says whether what it learns stays current.
+    pub(crate) fn new(live: bool) -> Self {
+        TagVersions {
+            known: RwLock::default(),
+            live: AtomicBool::new(live),
+        }
+    }
+
+    /// Marks the table as kept current (subscribed) or not (subscription lost).
+    pub(crate) fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::SeqCst);
+    }
+
+    /// Forgets every version: after missed messages, none can be trusted.
+    pub(crate) fn forget_all(&self) {
+        self.known
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The known version of `tag`, if any.
+    pub(crate) fn known(&self, tag: &str) -> Option<u64> {
+        self.known
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tag)
+            .copied()
+    }
+
+    /// Records that `tag` is at least at `version`; returns true if that is news.
+    pub(crate) fn observe(&self, tag: &str, version: u64) -> bool {
+        if self.known(tag).is_some_and(|v| v >= version) {
+            return false;
+        }
+        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+        let slot = known.entry(Arc::from(tag)).or_insert(0);
+        let news = *slot < version;
+        *slot = (*slot).max(version);
+        news
+    }
+
+    /// True when no stamp is older than the tag's current version. Versions
+    /// this instance cannot vouch for are read from Redis first. When Redis
+    /// does not answer, what this instance knows decides: while Redis is
+    /// down nobody can bump a tag, and refusing would turn an outage into
+    /// a loader stampede (L1 could hold nothing).
+    pub(crate) async fn is_current(&self, stamps: &[TagStamp], l2: Option<&L2>) -> bool {
+        let unvouched = self.unvouched(stamps.iter().map(|(tag, _)| &**tag));
+        if !unvouched.is_empty() {
+            self.fetch(&unvouched, l2).await;
+        }
+        self.judge(stamps)
+    }
+
+    /// True when no stamp is older than the version this instance knows.
+    pub(crate) fn judge(&self, stamps: &[TagStamp]) -> bool {
+        stamps.iter().all(|(tag, stamp)| {
+            let known = self.known(tag).unwrap_or(0);
+            if *stamp > known {
+                self.observe(tag, *stamp);
+            }
+            *stamp >= known
+        })
+    }
+}
+
+/// The Redis key body of a tag's counter.
+pub(crate) fn tag_key(tag: &str) -> String {
+    if tag == EPOCH_TAG {
+        return "#epoch".to_owned();
+    }
+    let mut body = String::with_capacity(tag.len() + 6);
+    body.push_str("#tag:");
+    escape_into(&mut body, tag);
+    body
+}
+
+impl TagVersions {
+    /// The current stamps of the namespace epoch and `tags`, reading from
+    /// Redis the versions this instance cannot vouch for. When Redis does not
+    /// answer, an unknown tag is stamped 0: such an entry reads as stale once
+    /// the tag has ever been bumped, which is safe. Never learns a 0 it did
+    /// not read.
+    pub(crate) async fn stamps(&self, tags: &[String], l2: Option<&L2>) -> Arc<[TagStamp]> {
+        let names = || std::iter::once(EPOCH_TAG).chain(tags.iter().map(String::as_str));
+        let unvouched = self.unvouched(names());
+        if !unvouched.is_empty() {
+            self.fetch(&unvouched, l2).await;
+        }
+        names()
+            .map(|tag| (Arc::from(tag), self.known(tag).unwrap_or(0)))
+            .collect()
+    }
+
+    /// The tags whose versions must be read from Redis before use: the
+    /// unknown ones, or all of them while knowledge is not live.
+    fn unvouched<'a>(&self, tags: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        let live = self.live.load(Ordering::SeqCst);
+        tags.filter(|tag| !live || self.known(tag).is_none())
+            .collect()
+    }
+
+    /// Reads the versions of `tags` from Redis (one MGET) and learns them; a
+    /// tag without a counter is at version 0. Learns nothing when Redis does
+    /// not answer (the failure is counted and logged by the L2 tier).
+    async fn fetch(&self, tags: &[&str], l2: Option<&L2>) {
+        let Some(l2) = l2 else {
+            return; // without Redis, what this instance knows is all there is
+        };
+        let mut cmd = redis::cmd("MGET");
+        for tag in tags {
+            cmd.arg(l2.key(&tag_key(tag)));
+        }
+        if let Ok(versions) = l2.run::<Vec<Option<u64>>>(&cmd).await {
+            if versions.len() == tags.len() {
+                for (tag, version) in tags.iter().zip(versions) {
+                    self.observe(tag, version.unwrap_or(0));
+                }
+            }
+        }
+    }
+
+    /// Bumps `tag` in Redis (or locally without Redis) and returns the new version.
+    pub(crate) async fn bump(&self, tag: &str, l2: Option<&L2>) -> Result<u64, crate::Error> {
+        let version = match l2 {
+            Some(l2) => l2
+                .run::<u64>(
+                    redis::cmd("EVAL")
+                        .arg(BUMP_SCRIPT)
+                        .arg(1)
+                        .arg(l2.key(&tag_key(tag))),
+                )
+                .await
+                .map_err(crate::l2::L2Fault::into_error)?,
+            None => self.known(tag).unwrap_or(0) + 1,
+        };
+        self.observe(tag, version);
+        Ok(version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_older_than_known_are_stale() {
+        let t = TagVersions::default();
+        t.observe("a", 2);
+        assert!(t.judge(&[(Arc::from("a"), 2)]));
+        assert!(!t.judge(&[(Arc::from("a"), 1)]));
+        assert!(t.judge(&[(Arc::from("b"), 0)]));
+    }
+
+    #[test]
+    fn newer_stamps_teach_the_table() {
+        let t = TagVersions::default();
+        assert!(t.judge(&[(Arc::from("a"), 5)]));
+        assert_eq!(t.known("a"), Some(5));
+        assert!(!t.observe("a", 4));
+    }
+
+    #[test]
+    fn forget_all_empties_the_table() {
+        let t = TagVersions::default();
+        t.observe("a", 3);
+        t.forget_all();
+        assert_eq!(t.known("a"), None);
+    }
+
+    #[test]
+    fn only_live_knowledge_is_vouched_for() {
+        let t = TagVersions::new(false);
+        t.observe("a", 1);
+        assert_eq!(t.unvouched(["a", "b"].into_iter()), ["a", "b"]);
+        t.set_live(true);
+        assert_eq!(t.unvouched(["a", "b"].into_iter()), ["b"]);
+    }
+
+    #[tokio::test]
+    async fn every_entry_carries_the_epoch_and_clear_outdates_it() {
+        let t = TagVersions::default();
+        let stamps = t.stamps(&["x".to_owned()], None).await;
+        assert_eq!(&*stamps[0].0, EPOCH_TAG);
+        assert_eq!(&*stamps[1].0, "x");
+        assert!(t.is_current(&stamps, None).await);
+        t.bump(EPOCH_TAG, None).await.unwrap();
+        assert!(!t.is_current(&stamps, None).await);
+    }
+
+    #[test]
+    fn the_epoch_has_its_own_counter_key() {
+        assert_eq!(tag_key(EPOCH_TAG), "#epoch");
+        assert_eq!(tag_key("#epoch"), "#tag:#epoch");
+    }
+}

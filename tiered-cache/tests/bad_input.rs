@@ -1,0 +1,295 @@
+//! Bad bytes in Redis and a Redis that refuses writes: every read path treats
+//! an unusable entry as a counted miss (never an error, never a panic) and
+//! removes or overwrites it; an out-of-memory Redis costs the cache nothing
+//! but the shared tier.
+//!
+//! The bad entries are planted with a real Redis (testkit) and read by a
+//! cache with an empty L1, so the bytes really go through decoding.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{cache_on, conn, exists, key, product, server, Product};
+use tiered_cache::testkit::RedisServer;
+use tiered_cache::{EntryOptions, Key, TieredCache};
+
+/// Where the cache in namespace `t` keeps `key` in Redis.
+fn redis_key<V>(key: &Key<V>) -> String {
+    common::redis_key("t", key)
+}
+
+fn opts() -> EntryOptions {
+    EntryOptions::mins(5)
+}
+
+/// A cache with an empty L1 on `server`.
+async fn fresh_cache(server: &RedisServer) -> TieredCache {
+    cache_on(server, "t").await
+}
+
+/// What is planted under a key before a cache reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bad {
+    /// Bytes that were never an entry.
+    Garbage,
+    /// A valid entry whose format byte is one version older.
+    OlderFormat,
+    /// A valid entry of another value type under the same entity and version.
+    OtherType,
+    /// A Redis list under the key (GET answers WRONGTYPE).
+    List,
+    /// A valid entry cut inside its header.
+    TruncatedHeader,
+    /// A valid entry cut inside its value bytes.
+    TruncatedValue,
+}
+
+/// Writes a valid entry for `key` with a cache, then returns its raw bytes.
+async fn valid_bytes(server: &RedisServer, key: &Key<Product>) -> Vec<u8> {
+    let writer = fresh_cache(server).await;
+    writer.set(key, product(0), &opts()).await.unwrap();
+    redis::cmd("GET")
+        .arg(redis_key(key))
+        .query(&mut conn(server))
+        .unwrap()
+}
+
+fn put_raw(server: &RedisServer, redis_key: &str, bytes: &[u8]) {
+    let _: () = redis::cmd("SET")
+        .arg(redis_key)
+        .arg(bytes)
+        .query(&mut conn(server))
+        .unwrap();
+}
+
+/// Plants `bad` under `key` and returns the Redis key.
+async fn plant(bad: Bad, server: &RedisServer, key: &Key<Product>) -> String {
+    let rk = redis_key(key);
+    match bad {
+        Bad::Garbage => put_raw(server, &rk, b"\xde\xad\xbe\xef not an entry"),
+        Bad::OlderFormat => {
+            let mut bytes = valid_bytes(server, key).await;
+            bytes[0] = bytes[0].wrapping_sub(1);
+            put_raw(server, &rk, &bytes);
+        }
+        Bad::OtherType => {
+            // Same entity, version and argument, so the same Redis key.
+            let as_string = Key::<String>::new("product", 1).arg(key_arg(key));
+            assert_eq!(as_string.as_str(), key.as_str());
+            let writer = fresh_cache(server).await;
+            writer
+                .set(&as_string, "hello".to_owned(), &opts())
+                .await
+                .unwrap();
+        }
+        Bad::List => {
+            let _: u64 = redis::cmd("RPUSH")
+                .arg(&rk)
+                .arg("a")
+                .arg("b")
+                .query(&mut conn(server))
+                .unwrap();
+        }
+        Bad::TruncatedHeader => {
+            let bytes = valid_bytes(server, key).await;
+            put_raw(server, &rk, &bytes[..20]);
+        }
+        Bad::TruncatedValue => {
+            let bytes = valid_bytes(server, key).await;
+            put_raw(server, &rk, &bytes[..bytes.len() - 3]);
+        }
+    }
+    assert!(exists(server, &rk), "planted");
+    rk
+}
+
+/// The argument of a `key(id)` key: `{product:v1:ID}` -> `ID`.
+fn key_arg(key: &Key<Product>) -> String {
+    let body = key.as_str().trim_start_matches('{').trim_end_matches('}');
+    body.rsplit(':').next().unwrap().to_owned()
+}
+
+async fn get_is_a_counted_miss(bad: Bad, server: &RedisServer) {
+    let k = key(1);
+    let rk = plant(bad, server, &k).await;
+    let reader = fresh_cache(server).await;
+
+    assert!(reader.get(&k).await.is_none(), "{bad:?}: get is a miss");
+    let s = reader.stats();
+    assert_eq!(
+        (s.decode_failures, s.misses, s.l2_hits),
+        (1, 1, 0),
+        "{bad:?}"
+    );
+    assert!(!exists(server, &rk), "{bad:?}: deleted from Redis");
+
+    // The next reader meets a plain miss, not another failure.
+    let next = fresh_cache(server).await;
+    assert!(next.get(&k).await.is_none());
+    assert_eq!(next.stats().decode_failures, 0, "{bad:?}");
+}
+
+async fn get_or_load_loads_and_overwrites(bad: Bad, server: &RedisServer) {
+    let k = key(2);
+    plant(bad, server, &k).await;
+    let reader = fresh_cache(server).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let loaded = Product {
+        id: 2,
+        name: "from the loader".into(),
+    };
+
+    let c = Arc::clone(&calls);
+    let l = loaded.clone();
+    let v = reader
+        .get_or_load(&k, &opts(), move || async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(l)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{bad:?}: get_or_load must not fail: {e:?}"));
+    assert_eq!(*v, loaded, "{bad:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "{bad:?}: the loader ran");
+    let s = reader.stats();
+    assert_eq!(
+        (s.decode_failures, s.loads, s.l2_hits),
+        (1, 1, 0),
+        "{bad:?}"
+    );
+
+    // Redis now holds the loader's value: a fresh cache reads it from there.
+    let check = fresh_cache(server).await;
+    assert_eq!(check.get(&k).await.as_deref(), Some(&loaded), "{bad:?}");
+    let s = check.stats();
+    assert_eq!((s.l2_hits, s.decode_failures), (1, 0), "{bad:?}");
+}
+
+async fn get_many_is_a_miss_for_the_bad_key_only(bad: Bad, server: &RedisServer) {
+    let (bad_key, good_key) = (key(3), key(4));
+    let rk = plant(bad, server, &bad_key).await;
+    fresh_cache(server)
+        .await
+        .set(&good_key, product(4), &opts())
+        .await
+        .unwrap();
+
+    let reader = fresh_cache(server).await;
+    let got = reader.get_many(&[bad_key.clone(), good_key]).await;
+    assert!(got[0].is_none(), "{bad:?}: the bad key is a miss");
+    assert_eq!(got[1].as_deref(), Some(&product(4)), "{bad:?}");
+    let s = reader.stats();
+    assert_eq!((s.l2_hits, s.misses), (1, 1), "{bad:?}");
+
+    if bad == Bad::List {
+        // MGET answers nil for a key of another Redis type, so get_many
+        // cannot tell it from an absent key; the next single-key read
+        // counts and deletes it.
+        assert!(reader.get(&bad_key).await.is_none());
+    }
+    assert_eq!(reader.stats().decode_failures, 1, "{bad:?}");
+    assert!(!exists(server, &rk), "{bad:?}: deleted from Redis");
+}
+
+async fn every_path(bad: Bad) {
+    let server = server();
+    get_is_a_counted_miss(bad, &server).await;
+    get_or_load_loads_and_overwrites(bad, &server).await;
+    get_many_is_a_miss_for_the_bad_key_only(bad, &server).await;
+}
+
+#[tokio::test]
+async fn garbage_bytes() {
+    every_path(Bad::Garbage).await;
+}
+
+#[tokio::test]
+async fn an_older_format_version() {
+    every_path(Bad::OlderFormat).await;
+}
+
+#[tokio::test]
+async fn another_value_type_under_the_same_key() {
+    every_path(Bad::OtherType).await;
+}
+
+#[tokio::test]
+async fn a_key_holding_a_list() {
+    every_path(Bad::List).await;
+}
+
+#[tokio::test]
+async fn an_envelope_cut_in_its_header() {
+    every_path(Bad::TruncatedHeader).await;
+}
+
+#[tokio::test]
+async fn an_envelope_cut_in_its_value() {
+    every_path(Bad::TruncatedValue).await;
+}
+
+/// Writes ever smaller values until Redis refuses even a tiny write (OOM).
+fn fill_until_refused(c: &mut redis::Connection) {
+    let mut n = 0u32;
+    for size in [32 * 1024, 1024, 16] {
+        let filler = vec![b'x'; size];
+        loop {
+            n += 1;
+            assert!(n < 10_000, "Redis never refused a write");
+            match redis::cmd("SET")
+                .arg(format!("filler:{size}:{n}"))
+                .arg(&filler)
+                .query::<()>(c)
+            {
+                Ok(()) => {}
+                Err(e) if e.to_string().contains("OOM") => break,
+                Err(e) => panic!("unexpected error while filling Redis: {e}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_out_of_memory_degrades_to_l1_and_the_loader() {
+    let server =
+        RedisServer::start_with(&["--maxmemory", "1mb", "--maxmemory-policy", "noeviction"])
+            .expect("redis-server");
+    let cache = fresh_cache(&server).await;
+
+    // Fill Redis until it refuses writes. Freed buffers can bring it back
+    // under the limit, so it is topped up before each step below.
+    let mut c = conn(&server);
+    fill_until_refused(&mut c);
+
+    // `set` succeeds: the value lives in L1, Redis's refusal is counted.
+    cache.set(&key(1), product(1), &opts()).await.unwrap();
+    let s = cache.stats();
+    assert_eq!(s.l2_errors, 1, "the refused SET is counted");
+    assert!(!exists(&server, &redis_key(&key(1))));
+    assert_eq!(cache.get(&key(1)).await.as_deref(), Some(&product(1)));
+    assert_eq!(cache.stats().l1_hits, 1);
+
+    // Past the tier's short rest the next commands reach Redis again: the
+    // GET answers (nil), the loader runs, the SET is refused and counted.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    fill_until_refused(&mut c);
+    let calls = Arc::new(AtomicUsize::new(0));
+    for _ in 0..2 {
+        let c = Arc::clone(&calls);
+        let v = cache
+            .get_or_load(&key(2), &opts(), move || async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(product(2))
+            })
+            .await
+            .expect("an OOM Redis is not an error for the caller");
+        assert_eq!(*v, product(2));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the second read hit L1");
+    let s = cache.stats();
+    assert_eq!(s.l2_errors, 2, "the refused SET of the load is counted");
+    assert_eq!((s.loads, s.l1_hits), (1, 2));
+    assert!(!exists(&server, &redis_key(&key(2))));
+}

@@ -1,0 +1,262 @@
+//! Redis failing under the cache: killed, restarted, frozen, never there.
+//! Reads keep working from L1 and the loader, Redis errors are counted, the
+//! same cache uses Redis again once it is back, and a password in the URL
+//! never shows up in errors or `Debug` output.
+//!
+//! Times are printed, and asserted only as generous bounds that catch hangs.
+
+mod common;
+
+use std::error::Error as _;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{key, product, server, Product};
+use tiered_cache::testkit::RedisServer;
+use tiered_cache::{EntryOptions, Key, TieredCache};
+
+/// Where the cache in namespace `t` keeps `key` in Redis.
+fn redis_key(key: &Key<Product>) -> String {
+    common::redis_key("t", key)
+}
+
+fn opts() -> EntryOptions {
+    EntryOptions::mins(5)
+}
+
+/// Longest any single cache call may take before we call it a hang.
+const HANG: Duration = Duration::from_secs(10);
+
+async fn cache_at(url: &str) -> TieredCache {
+    TieredCache::builder()
+        .namespace("t")
+        .redis(url)
+        .build()
+        .await
+        .expect("an unreachable Redis is not fatal at build")
+}
+
+/// Whether Redis holds `redis_key`; false while Redis is down (unlike
+/// `common::exists`, which fails the test).
+fn exists(server: &RedisServer, redis_key: &str) -> bool {
+    let Ok(mut conn) = server.connection() else {
+        return false;
+    };
+    redis::cmd("EXISTS")
+        .arg(redis_key)
+        .query::<u64>(&mut conn)
+        .is_ok_and(|n| n == 1)
+}
+
+/// `get_or_load` with a loader that counts its calls and returns `value`;
+/// whatever Redis does, it neither fails nor hangs.
+async fn load(
+    cache: &TieredCache,
+    key: &Key<Product>,
+    calls: &Arc<AtomicUsize>,
+    value: Product,
+) -> Arc<Product> {
+    let calls = Arc::clone(calls);
+    let opts = opts();
+    let call = cache.get_or_load(key, &opts, move || async move {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, std::io::Error>(value)
+    });
+    tokio::time::timeout(HANG, call)
+        .await
+        .expect("get_or_load hung")
+        .expect("no error")
+}
+
+/// Once Redis is back (after `event`): sets product 100 with `cache` until
+/// a raw connection sees it in Redis (the cache has gone back to using
+/// Redis), then checks that a fresh instance reads it from there. Returns
+/// that instance.
+async fn l2_in_use_again(cache: &TieredCache, server: &RedisServer, event: &str) -> TieredCache {
+    let started = Instant::now();
+    let k = key(100);
+    loop {
+        cache.set(&k, product(100), &opts()).await.unwrap();
+        if exists(server, &redis_key(&k)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "the cache did not use Redis again within 6 s: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("L2 in use again {:?} after {event}", started.elapsed());
+
+    let other = cache_at(&server.url()).await;
+    assert_eq!(other.get(&k).await.as_deref(), Some(&product(100)));
+    assert_eq!(other.stats().l2_hits, 1);
+    other
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn a_killed_redis_degrades_to_l1_and_the_loader_then_comes_back() {
+    let mut server = server();
+    let cache = cache_at(&server.url()).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    cache.set(&key(1), product(1), &opts()).await.unwrap();
+    assert!(exists(&server, &redis_key(&key(1))));
+    assert_eq!(cache.stats().l2_errors, 0);
+
+    server.kill();
+
+    // What L1 holds is still served.
+    assert_eq!(cache.get(&key(1)).await.as_deref(), Some(&product(1)));
+    // A key in no tier comes from the loader, without an error.
+    let v = load(&cache, &key(2), &calls, product(2)).await;
+    assert_eq!(*v, product(2));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let s = cache.stats();
+    assert!(s.l2_errors >= 1, "the failed Redis call is counted: {s:?}");
+    // ...and is then kept in L1.
+    let v = load(&cache, &key(2), &calls, product(99)).await;
+    assert_eq!(*v, product(2));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Writes succeed too (into L1), and plain misses are misses.
+    cache.set(&key(3), product(3), &opts()).await.unwrap();
+    assert_eq!(cache.get(&key(3)).await.as_deref(), Some(&product(3)));
+    assert!(cache.get(&key(4)).await.is_none());
+    let s = cache.stats();
+    assert_eq!((s.l1_hits, s.loads), (3, 1), "{s:?}");
+
+    // Same port, empty server; the same cache instance.
+    server.restart().expect("restart");
+    // A second, fresh instance reads what the first wrote, through Redis...
+    let other = l2_in_use_again(&cache, &server, "the restart").await;
+    // ...and the first reads what the second writes.
+    other.set(&key(200), product(200), &opts()).await.unwrap();
+    let l2_hits = cache.stats().l2_hits;
+    assert_eq!(cache.get(&key(200)).await.as_deref(), Some(&product(200)));
+    assert_eq!(cache.stats().l2_hits, l2_hits + 1);
+    assert_eq!(other.stats().l2_errors, 0);
+}
+
+#[tokio::test]
+async fn a_frozen_redis_costs_at_most_the_l2_timeout() {
+    let server = server();
+    let cache = cache_at(&server.url()).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    cache.set(&key(1), product(1), &opts()).await.unwrap();
+
+    server.pause().expect("SIGSTOP");
+    let started = Instant::now();
+    let v = load(&cache, &key(2), &calls, product(2)).await;
+    let took = started.elapsed();
+    println!("get_or_load with Redis frozen: {took:?} (l2_timeout 250 ms)");
+    assert_eq!(*v, product(2));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(
+        took < Duration::from_secs(2),
+        "a frozen Redis made a read hang: {took:?}"
+    );
+    let s = cache.stats();
+    assert!(s.l2_errors >= 1, "the timeout is counted: {s:?}");
+
+    // L1 hits never wait on Redis.
+    let started = Instant::now();
+    assert_eq!(cache.get(&key(1)).await.as_deref(), Some(&product(1)));
+    println!("L1 hit with Redis frozen: {:?}", started.elapsed());
+    // A second miss while frozen is bounded too.
+    let started = Instant::now();
+    let v = load(&cache, &key(3), &calls, product(3)).await;
+    let took = started.elapsed();
+    println!("second get_or_load with Redis frozen: {took:?}");
+    assert_eq!(*v, product(3));
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    server.resume().expect("SIGCONT");
+    l2_in_use_again(&cache, &server, "SIGCONT").await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_build_is_not_fatal() {
+    let url = format!("redis://127.0.0.1:{}", closed_port());
+    let started = Instant::now();
+    let cache = tokio::time::timeout(HANG, cache_at(&url))
+        .await
+        .expect("build hung");
+    println!("build with Redis unreachable: {:?}", started.elapsed());
+    assert!(cache.has_l2(), "it keeps trying Redis");
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    for _ in 0..3 {
+        let v = load(&cache, &key(1), &calls, product(1)).await;
+        assert_eq!(*v, product(1));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "L1 serves after the first load"
+    );
+    cache.set(&key(2), product(2), &opts()).await.unwrap();
+    assert_eq!(cache.get(&key(2)).await.as_deref(), Some(&product(2)));
+    let s = cache.stats();
+    assert_eq!((s.l1_hits, s.loads), (3, 1), "{s:?}");
+    assert!(s.l2_errors >= 1, "{s:?}");
+}
+
+/// Display and Debug of an error and of every error in its source chain.
+fn error_chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        text.push_str(&format!("{e}\n{e:?}\n"));
+        next = e.source();
+    }
+    text
+}
+
+#[tokio::test]
+async fn a_password_in_the_url_never_shows() {
+    let port = closed_port();
+    for url in [
+        format!("redis://:secret@127.0.0.1:{port}"),
+        format!("redis://app:secret@127.0.0.1:{port}/0"),
+    ] {
+        let builder = TieredCache::builder()
+            .namespace("t")
+            .redis(url.as_str())
+            .require_l2(true);
+        let shown = format!("{builder:?}");
+        assert!(!shown.contains("secret"), "builder Debug: {shown}");
+
+        let err = tokio::time::timeout(HANG, builder.build())
+            .await
+            .expect("build hung")
+            .expect_err("require_l2 with Redis unreachable fails the build");
+        assert!(err.is_l2(), "{err:?}");
+        let text = error_chain_text(&err);
+        println!("{text}");
+        assert!(!text.contains("secret"), "error: {text}");
+        assert!(err.source().is_some(), "the cause is kept");
+
+        // Without require_l2 the cache builds; its Debug hides the URL too.
+        let cache = cache_at(&url).await;
+        let shown = format!("{cache:?}");
+        assert!(!shown.contains("secret"), "cache Debug: {shown}");
+    }
+
+    // An invalid URL is a config error that does not quote it either.
+    let err = TieredCache::builder()
+        .redis("redis://:secret@127.0.0.1:notaport")
+        .build()
+        .await
+        .expect_err("invalid URL");
+    let text = error_chain_text(&err);
+    assert!(!text.contains("secret"), "error: {text}");
+}

@@ -1,0 +1,486 @@
+//! The two tiers against a real Redis: read order and promotion, TTLs in both
+//! tiers, the L1 bound and cap, invalidation, and how keys look in Redis.
+//!
+//! Every test starts its own `redis-server` (testkit) and counts what
+//! happened: the cache's stats, loader calls, and Redis's own state.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{
+    builder_on, cache_on, command_calls, conn, exists, key, product, redis_key,
+    reset_command_stats, server, Product,
+};
+use tiered_cache::testkit::RedisServer;
+use tiered_cache::{EntryOptions, Key, TieredCache};
+
+fn pttl(server: &RedisServer, redis_key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(redis_key)
+        .query(&mut conn(server))
+        .expect("PTTL")
+}
+
+/// `get_or_load` of `key` with a loader that counts its calls and returns
+/// `value`; it does not fail.
+async fn load(
+    cache: &TieredCache,
+    key: &Key<Product>,
+    opts: &EntryOptions,
+    calls: &Arc<AtomicUsize>,
+    value: Product,
+) -> Arc<Product> {
+    let calls = Arc::clone(calls);
+    let loader = move || {
+        calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok::<_, std::io::Error>(value))
+    };
+    cache.get_or_load(key, opts, loader).await.unwrap()
+}
+
+#[tokio::test]
+async fn reads_go_l1_then_l2_then_loader_and_l2_hits_are_promoted() {
+    let server = server();
+    let a = cache_on(&server, "t").await;
+    let opts = EntryOptions::mins(5);
+
+    a.set(&key(1), product(1), &opts).await.unwrap();
+    assert!(
+        exists(&server, &redis_key("t", &key(1))),
+        "set writes Redis"
+    );
+    // Built after the write, so A's message about it (backplane) cannot
+    // drop what B promotes below.
+    let b = cache_on(&server, "t").await;
+
+    // B's L1 is empty: the first read is answered by Redis...
+    assert_eq!(b.get(&key(1)).await.as_deref(), Some(&product(1)));
+    let s = b.stats();
+    assert_eq!((s.l1_hits, s.l2_hits, s.misses), (0, 1, 0));
+    // ...and promoted, so the second is answered by B's L1.
+    assert_eq!(b.get(&key(1)).await.as_deref(), Some(&product(1)));
+    let s = b.stats();
+    assert_eq!((s.l1_hits, s.l2_hits, s.misses), (1, 1, 0));
+    // A wrote it, so A reads its own L1.
+    assert_eq!(a.get(&key(1)).await.as_deref(), Some(&product(1)));
+    assert_eq!((a.stats().l1_hits, a.stats().l2_hits), (1, 0));
+
+    // A key in neither tier goes to the loader once; then L1; then, from a
+    // third instance, Redis: the loader is not run again.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let v = load(&b, &key(2), &opts, &calls, product(2)).await;
+    assert_eq!(*v, product(2));
+    let v = load(&b, &key(2), &opts, &calls, product(99)).await;
+    assert_eq!(*v, product(2));
+    let s = b.stats();
+    assert_eq!((s.l1_hits, s.l2_hits, s.misses, s.loads), (2, 1, 1, 1));
+    let c = cache_on(&server, "t").await;
+    let v = load(&c, &key(2), &opts, &calls, product(99)).await;
+    assert_eq!(*v, product(2));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the loader ran once in all"
+    );
+    let s = c.stats();
+    assert_eq!((s.l1_hits, s.l2_hits, s.misses, s.loads), (0, 1, 0, 0));
+}
+
+#[tokio::test]
+async fn sub_second_ttls_expire_in_both_tiers() {
+    let server = server();
+    let a = cache_on(&server, "t").await;
+    let b = cache_on(&server, "t").await;
+    let ttl = EntryOptions::millis(400);
+
+    a.set(&key(1), product(1), &ttl).await.unwrap();
+    let rk = redis_key("t", &key(1));
+    let left = pttl(&server, &rk);
+    assert!(
+        left > 0 && left <= 400,
+        "Redis got a millisecond TTL, PTTL = {left}"
+    );
+    // B promotes it into its L1 (with what is left of the 400 ms).
+    assert!(b.get(&key(1)).await.is_some());
+    assert_eq!(b.stats().l2_hits, 1);
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!exists(&server, &rk), "Redis expired the entry");
+    assert!(a.get(&key(1)).await.is_none(), "A's L1 expired too");
+    assert!(b.get(&key(1)).await.is_none(), "B's L1 expired too");
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!((sa.l1_hits, sa.l2_hits, sa.misses), (0, 0, 1));
+    assert_eq!((sb.l1_hits, sb.l2_hits, sb.misses), (0, 1, 1));
+
+    // get_or_load with a sub-second TTL loads again after expiry.
+    let calls = Arc::new(AtomicUsize::new(0));
+    for _ in 0..2 {
+        let v = load(&a, &key(2), &ttl, &calls, product(2)).await;
+        assert_eq!(*v, product(2));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let left = pttl(&server, &redis_key("t", &key(2)));
+    assert!(left > 0 && left <= 400, "PTTL = {left}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    load(&a, &key(2), &ttl, &calls, product(2)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "expired, so loaded again");
+}
+
+#[tokio::test]
+async fn promotion_keeps_the_remaining_ttl() {
+    let server = server();
+    let a = cache_on(&server, "t").await;
+    let b = cache_on(&server, "t").await;
+    let rk = redis_key("t", &key(1));
+
+    let written = Instant::now();
+    a.set(&key(1), product(1), &EntryOptions::secs(2))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(b.get(&key(1)).await.is_some());
+    assert_eq!(b.stats().l2_hits, 1, "promoted from Redis after ~1 s");
+    // From here on only B's L1 can answer.
+    let _: u64 = redis::cmd("DEL")
+        .arg(&rk)
+        .query(&mut conn(&server))
+        .unwrap();
+
+    tokio::time::sleep_until((written + Duration::from_millis(1400)).into()).await;
+    assert!(b.get(&key(1)).await.is_some(), "still in B's L1 at 1.4 s");
+    assert_eq!(b.stats().l1_hits, 1);
+
+    // The entry's deadline is 2 s after the write; a promotion with a full
+    // TTL would keep it in B's L1 until ~3 s.
+    tokio::time::sleep_until((written + Duration::from_millis(2400)).into()).await;
+    assert!(
+        b.get(&key(1)).await.is_none(),
+        "B's L1 dropped it at the original deadline"
+    );
+    let s = b.stats();
+    assert_eq!((s.l1_hits, s.l2_hits, s.misses), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn without_redis_the_cache_is_l1_only() {
+    let cache = TieredCache::builder().build().await.unwrap();
+    assert!(!cache.has_l2());
+    let opts = EntryOptions::mins(5);
+
+    assert!(cache.get(&key(1)).await.is_none());
+    cache.set(&key(1), product(1), &opts).await.unwrap();
+    assert_eq!(cache.get(&key(1)).await.as_deref(), Some(&product(1)));
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    for _ in 0..3 {
+        let v = load(&cache, &key(2), &opts, &calls, product(2)).await;
+        assert_eq!(*v, product(2));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    cache.invalidate(&key(1)).await.unwrap();
+    assert!(cache.get(&key(1)).await.is_none());
+
+    // A sub-second TTL expires in L1 alone, too.
+    cache
+        .set(&key(3), product(3), &EntryOptions::millis(200))
+        .await
+        .unwrap();
+    assert!(cache.get(&key(3)).await.is_some());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(cache.get(&key(3)).await.is_none());
+
+    let s = cache.stats();
+    assert_eq!(
+        (s.l1_hits, s.l2_hits, s.misses, s.loads),
+        (1 + 2 + 1, 0, 1 + 1 + 1 + 1, 1)
+    );
+    assert_eq!((s.l2_errors, s.l2_skipped), (0, 0));
+}
+
+#[tokio::test]
+async fn l1_max_bytes_zero_turns_l1_off() {
+    let server = server();
+    let cache = builder_on(&server, "t")
+        .l1_max_bytes(0)
+        .build()
+        .await
+        .unwrap();
+    cache
+        .set(&key(1), product(1), &EntryOptions::mins(5))
+        .await
+        .unwrap();
+    reset_command_stats(&server);
+
+    for _ in 0..5 {
+        assert_eq!(cache.get(&key(1)).await.as_deref(), Some(&product(1)));
+    }
+    let s = cache.stats();
+    assert_eq!((s.l1_hits, s.l2_hits), (0, 5));
+    assert_eq!(command_calls(&server, "get"), 5, "every read went to Redis");
+    assert_eq!(cache.l1_weighted_size().await, 0);
+
+    // get_or_load also reads Redis every time and loads nothing.
+    let calls = Arc::new(AtomicUsize::new(0));
+    for _ in 0..3 {
+        load(&cache, &key(1), &EntryOptions::mins(5), &calls, product(9)).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(cache.stats().l2_hits, 8);
+    assert_eq!(command_calls(&server, "get"), 8);
+}
+
+#[tokio::test]
+async fn l1_stays_within_its_byte_bound() {
+    const BOUND: u64 = 256 * 1024;
+    let cache = TieredCache::builder()
+        .l1_max_bytes(BOUND)
+        .build()
+        .await
+        .unwrap();
+    let opts = EntryOptions::mins(5);
+    let value = "x".repeat(200);
+    // 10x the bound in value bytes alone.
+    let n = (10 * BOUND / 200) as usize;
+    let mut max_seen = 0;
+    for i in 0..n {
+        let key = Key::<String>::new("blob", 1).arg(i);
+        cache.set(&key, value.clone(), &opts).await.unwrap();
+        if i % 1000 == 999 {
+            max_seen = max_seen.max(cache.l1_weighted_size().await);
+        }
+    }
+    let end = cache.l1_weighted_size().await;
+    max_seen = max_seen.max(end);
+    println!(
+        "bound {BOUND} B, {n} values of 200 B: weighted size at end {end} B, max seen {max_seen} B"
+    );
+    assert!(
+        max_seen <= BOUND + BOUND / 10,
+        "L1 grew past its bound: {max_seen} > {BOUND} + 10%"
+    );
+    assert!(
+        end >= BOUND / 2,
+        "L1 should be filled, not emptied: {end} B of {BOUND} B"
+    );
+    // Something was evicted: not every value can be in L1.
+    let mut present = 0;
+    for i in 0..n {
+        if cache
+            .get(&Key::<String>::new("blob", 1).arg(i))
+            .await
+            .is_some()
+        {
+            present += 1;
+        }
+    }
+    assert!(present < n / 5, "{present} of {n} entries still in L1");
+}
+
+#[tokio::test]
+async fn l1_ttl_cap_shortens_l1_but_not_redis() {
+    let server = server();
+    let a = cache_on(&server, "t").await;
+    let opts = EntryOptions::mins(5);
+    a.set(&key(1), product(1), &opts).await.unwrap();
+    // Built after A's write, as in the first test.
+    let b = builder_on(&server, "t")
+        .l1_ttl_cap(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+
+    assert!(b.get(&key(1)).await.is_some()); // L2, promoted
+    assert!(b.get(&key(1)).await.is_some()); // L1
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (1, 1));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(b.get(&key(1)).await.is_some()); // L1 capped: Redis again
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (1, 2));
+
+    // The cap applies to B's own writes too; Redis keeps the full TTL.
+    b.set(&key(2), product(2), &opts).await.unwrap();
+    assert!(b.get(&key(2)).await.is_some());
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (2, 2));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(b.get(&key(2)).await.is_some());
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (2, 3));
+    assert!(pttl(&server, &redis_key("t", &key(2))) > 60_000);
+}
+
+#[tokio::test]
+async fn invalidate_removes_from_both_tiers() {
+    let server = server();
+    let a = cache_on(&server, "t").await;
+    let opts = EntryOptions::mins(5);
+    a.set(&key(1), product(1), &opts).await.unwrap();
+    let rk = redis_key("t", &key(1));
+    assert!(exists(&server, &rk));
+
+    a.invalidate(&key(1)).await.unwrap();
+    assert!(!exists(&server, &rk), "gone from Redis");
+    assert!(a.get(&key(1)).await.is_none(), "gone from L1");
+    let fresh = cache_on(&server, "t").await;
+    assert!(fresh.get(&key(1)).await.is_none());
+    assert_eq!((a.stats().l1_hits, a.stats().misses), (0, 1));
+
+    // A loading read after the invalidation runs the loader again.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let v = load(&a, &key(1), &opts, &calls, product(10)).await;
+    assert_eq!(v.id, 10);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_namespace_prefixes_every_redis_key() {
+    let server = server();
+    let orders = cache_on(&server, "orders").await;
+    let billing = cache_on(&server, "billing").await;
+    let opts = EntryOptions::mins(5);
+    orders.set(&key(1), product(1), &opts).await.unwrap();
+    orders.set(&key(2), product(2), &opts).await.unwrap();
+    billing.set(&key(1), product(100), &opts).await.unwrap();
+
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut conn(&server))
+        .unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            "billing:{product:v1:1}".to_owned(),
+            "orders:{product:v1:1}".to_owned(),
+            "orders:{product:v1:2}".to_owned(),
+        ]
+    );
+    // Same key, different namespaces: different entries.
+    let fresh_orders = cache_on(&server, "orders").await;
+    assert_eq!(fresh_orders.get(&key(1)).await.unwrap().id, 1);
+    let fresh_billing = cache_on(&server, "billing").await;
+    assert_eq!(fresh_billing.get(&key(1)).await.unwrap().id, 100);
+    assert!(fresh_billing.get(&key(2)).await.is_none());
+}
+
+#[tokio::test]
+async fn oversized_values_stay_in_l1_only() {
+    let server = server();
+    let a = builder_on(&server, "t")
+        .max_value_bytes(1024)
+        .build()
+        .await
+        .unwrap();
+    let opts = EntryOptions::mins(5);
+    let big = Key::<String>::new("blob", 1).arg("big");
+    let small = Key::<String>::new("blob", 1).arg("small");
+
+    a.set(&big, "x".repeat(4096), &opts).await.unwrap();
+    a.set(&small, "x".repeat(100), &opts).await.unwrap();
+    assert_eq!(a.stats().oversized_skips, 1);
+    assert_eq!(a.stats().l2_errors, 0, "skipping is not a failure");
+    assert!(!exists(&server, &redis_key("t", &big)));
+    assert!(exists(&server, &redis_key("t", &small)));
+
+    assert_eq!(a.get(&big).await.map(|v| v.len()), Some(4096), "kept in L1");
+    let b = cache_on(&server, "t").await;
+    assert!(b.get(&big).await.is_none());
+    assert!(b.get(&small).await.is_some());
+
+    // A loaded value over the limit is returned and skipped the same way.
+    let huge = Key::<String>::new("blob", 1).arg("loaded");
+    let v = a
+        .get_or_load(&huge, &opts, || async {
+            Ok::<_, std::io::Error>("y".repeat(8192))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.len(), 8192);
+    assert_eq!(a.stats().oversized_skips, 2);
+    assert!(!exists(&server, &redis_key("t", &huge)));
+}
+
+#[tokio::test]
+async fn a_redis_key_carries_its_entry_hash_tag() {
+    let server = server();
+    // A cluster-enabled node only to ask Redis itself for key slots.
+    let slots = RedisServer::start_with(&["--cluster-enabled", "yes"]).unwrap();
+    let keyslot = |k: &str| -> u64 {
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(k)
+            .query(&mut conn(&slots))
+            .unwrap()
+    };
+
+    let cache = cache_on(&server, "t").await;
+    // Braces in arguments must not end or open the hash tag.
+    let k = Key::<Product>::new("product", 1).arg("a}b").arg("{c");
+    cache
+        .set(&k, product(1), &EntryOptions::mins(5))
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut conn(&server))
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    let stored = &keys[0];
+    assert_eq!(stored, &format!("t:{}", k.as_str()));
+    let open = stored.find('{').unwrap();
+    let close = open + stored[open..].find('}').unwrap();
+    assert_eq!(
+        &stored[open..=close],
+        k.as_str(),
+        "the whole body is the tag"
+    );
+    assert_eq!(stored.matches(['{', '}']).count(), 2);
+
+    // Redis hashes only the tag: auxiliary keys of the entry and the same
+    // entry in another namespace share its slot.
+    let tag = &stored[open + 1..close];
+    let slot = keyslot(stored);
+    assert_eq!(slot, keyslot(tag));
+    assert_eq!(slot, keyslot(&format!("{stored}:lock")));
+    assert_eq!(slot, keyslot(&format!("other:{}:meta", k.as_str())));
+}
+
+/// An L1 hit hands out the very `Arc` that was stored: no decode, no copy,
+/// whether the value came from a load, a `set` or a promotion from Redis.
+#[tokio::test]
+async fn an_l1_hit_is_the_stored_arc_not_a_copy() {
+    let server = server();
+    let (a, b) = (
+        cache_on(&server, "arc").await,
+        cache_on(&server, "arc").await,
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let opts = EntryOptions::secs(60);
+
+    let loaded = load(&a, &key(1), &opts, &calls, product(1)).await;
+    let hit = a.get(&key(1)).await.expect("hit");
+    assert!(
+        Arc::ptr_eq(&loaded, &hit),
+        "a hit after a load is the loaded Arc"
+    );
+
+    a.set(&key(2), product(2), &opts).await.expect("set");
+    let (x, y) = (a.get(&key(2)).await.unwrap(), a.get(&key(2)).await.unwrap());
+    assert!(Arc::ptr_eq(&x, &y), "two hits after a set share one Arc");
+
+    // Let A's message about its set reach B first, or it would (rightly)
+    // drop what B promotes.
+    common::until("B hears of A's set", || {
+        b.stats().invalidations_received >= 1
+    })
+    .await;
+    let promoted = b.get(&key(2)).await.expect("from Redis");
+    let again = b.get(&key(2)).await.expect("from L1");
+    assert!(
+        Arc::ptr_eq(&promoted, &again),
+        "the promoted value is decoded once"
+    );
+    let stats = b.stats();
+    assert_eq!((stats.l2_hits, stats.l1_hits), (1, 1), "{stats:?}");
+}
