@@ -42,7 +42,8 @@ const ENTRY_OVERHEAD: usize = 160;
 pub(crate) struct L1Entry {
     /// `None` is a cached negative result.
     pub(crate) value: Option<AnyValue>,
-    /// Until then the value is fresh; after it, stale (inside the grace window).
+    /// Until then the value is fresh; after it, stale (inside the grace
+    /// window). Past `drop_at` when the L1 cap is shorter than the TTL.
     pub(crate) fresh_until: Instant,
     /// When moka drops the entry: the end of the grace window, or the L1 cap.
     pub(crate) drop_at: Instant,
@@ -216,7 +217,10 @@ impl L1 {
     }
 
     /// Builds the entry for `value`: fresh for `fresh_for`, kept for `keep_for`
-    /// (both from now), shortened by the L1 cap. `size` is the encoded size.
+    /// (both from now); the L1 cap shortens its stay, not its freshness (a
+    /// capped freshness would make XFetch refresh at every cap, and a value
+    /// just promoted look expired to a caller that stalled past the cap).
+    /// `size` is the encoded size.
     pub(crate) fn entry(
         &self,
         key: &str,
@@ -227,11 +231,12 @@ impl L1 {
         size: usize,
     ) -> Arc<L1Entry> {
         let now = Instant::now();
+        let fresh_until = now + fresh_for.min(keep_for);
         let keep_for = self.ttl_cap.map_or(keep_for, |cap| keep_for.min(cap));
         let weight = (key.len() + size + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32;
         Arc::new(L1Entry {
             value,
-            fresh_until: now + fresh_for.min(keep_for),
+            fresh_until,
             drop_at: now + keep_for,
             meta,
             weight,

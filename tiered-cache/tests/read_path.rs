@@ -250,6 +250,51 @@ async fn a_panicking_leader_hands_the_load_to_one_waiter() {
     run_abandoned_leader(true).await;
 }
 
+/// Single-flight belongs to one cache: two caches of unrelated namespaces
+/// loading the same key at the same time each run their own loader and get
+/// their own value. (A process-wide flight table keyed by the key string
+/// would hand B the value A loaded.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_caches_never_share_a_load() {
+    let server = RedisServer::start().expect("redis-server");
+    let (a, b) = (
+        cache(&server, "tenant-a").await,
+        cache(&server, "tenant-b").await,
+    );
+    let key = item(1);
+    let opts = EntryOptions::mins(5);
+    let (a_loading, b_loaded) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+
+    // A's load stays open until B's own loader has run.
+    let a_call = {
+        let (a, key, opts) = (a.clone(), key.clone(), opts.clone());
+        let (a_loading, b_loaded) = (a_loading.clone(), b_loaded.clone());
+        tokio::spawn(async move {
+            a.get_or_load(&key, &opts, move || async move {
+                a_loading.notify_one();
+                match tokio::time::timeout(Duration::from_secs(10), b_loaded.notified()).await {
+                    Ok(()) => Ok("a".to_owned()),
+                    Err(_) => Err(DbError("B never ran its own loader")),
+                }
+            })
+            .await
+        })
+    };
+    a_loading.notified().await;
+    let got_b = b
+        .get_or_load(&key, &opts, move || async move {
+            b_loaded.notify_one();
+            Ok::<_, DbError>("b".to_owned())
+        })
+        .await
+        .expect("B's load");
+    let got_a = a_call.await.expect("A's caller").expect("A's load");
+    assert_eq!((got_a.as_str(), got_b.as_str()), ("a", "b"));
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!((sa.loads, sb.loads), (1, 1), "{sa:?} {sb:?}");
+    assert_eq!((sa.coalesced_waits, sb.coalesced_waits), (0, 0));
+}
+
 // ---------------------------------------------------------------- XFetch
 
 /// What a steady read loop saw.

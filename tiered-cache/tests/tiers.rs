@@ -310,6 +310,49 @@ async fn l1_ttl_cap_shortens_l1_but_not_redis() {
     assert!(pttl(&server, &redis_key("t", &key(2))) > 60_000);
 }
 
+/// The cap shortens an entry's stay in L1, not its freshness: reads of a
+/// key with a long TTL through a short cap re-read Redis after each cap,
+/// but never count as near expiry (no early refresh, no load), even when
+/// the reading task stalls longer than the cap between promotion and use.
+#[tokio::test]
+async fn l1_ttl_cap_does_not_make_entries_look_near_expiry() {
+    let server = server();
+    let cache = builder_on(&server, "t")
+        .l1_ttl_cap(Duration::from_millis(20))
+        .build()
+        .await
+        .unwrap();
+    let opts = EntryOptions::mins(5); // XFetch on, beta 1
+    let calls = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut reads = 0;
+    while started.elapsed() < Duration::from_millis(600) {
+        // A loader of 15 ms: XFetch refreshes within about that of expiry.
+        let counted = Arc::clone(&calls);
+        let v = cache
+            .get_or_load(&key(1), &opts, move || async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                Ok::<_, std::io::Error>(product(1))
+            })
+            .await
+            .unwrap();
+        assert_eq!(v.id, 1);
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    // `get` of a value just promoted, checked after a stall past the cap.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(cache.get(&key(1)).await.is_some(), "fresh in Redis");
+    }
+    let s = cache.stats();
+    println!("{reads} reads through a 20 ms L1 cap: {s:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one load, no refresh");
+    assert_eq!(s.early_refreshes, 0, "{s:?}");
+    assert!(s.l2_hits >= 10, "the cap sent reads to Redis: {s:?}");
+}
+
 #[tokio::test]
 async fn invalidate_removes_from_both_tiers() {
     let server = server();

@@ -278,7 +278,23 @@ fn describe(fault: &L2Fault) -> String {
         L2Fault::WrongType => "WRONGTYPE".to_owned(),
         L2Fault::Timeout => "timeout".to_owned(),
         L2Fault::Resting => "resting".to_owned(),
-        L2Fault::Redis(e) => format!("{:?}: {}", e.kind(), e.code().unwrap_or("io")),
+        L2Fault::Redis(e) => {
+            // Never the error's own text: a connection error may quote the URL.
+            let what = if e.is_connection_refusal() {
+                "connection refused"
+            } else if e.is_connection_dropped() {
+                "connection dropped"
+            } else if e.is_timeout() {
+                "timeout"
+            } else if let Some(code) = e.code() {
+                code
+            } else if e.is_io_error() {
+                "I/O error"
+            } else {
+                "error"
+            };
+            format!("{what} ({:?})", e.kind())
+        }
     }
 }
 

@@ -1,0 +1,172 @@
+//! What the cache writes to its logs (`tracing`): Redis trouble once per
+//! incident, never a connection string, a password or a cached value.
+//!
+//! The events are captured by a small subscriber of this file's own, set as
+//! the default of the test thread; the tests run on a current-thread
+//! runtime, so every task of the cache logs on that thread.
+
+mod common;
+
+use std::fmt::{Debug, Write as _};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use common::{key, Product};
+use tiered_cache::testkit::RedisServer;
+use tiered_cache::{EntryOptions, Key, TieredCache};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata, Subscriber};
+
+/// The password of the ACL user the cache connects as.
+const PASSWORD: &str = "pw-7c1e9a";
+/// Part of a cached value, to look for in the logs.
+const VALUE_MARK: &str = "value-mark-51f2";
+
+/// Every event as one line: `LEVEL message field=value ...`.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    fn all(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn containing(&self, text: &str) -> usize {
+        self.all().iter().filter(|line| line.contains(text)).count()
+    }
+}
+
+struct Fields<'a>(&'a mut String);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        let _ = write!(self.0, " {}={value:?}", field.name());
+    }
+}
+
+impl Subscriber for Lines {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, event: &Event<'_>) {
+        let mut line = event.metadata().level().to_string();
+        event.record(&mut Fields(&mut line));
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(line);
+    }
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
+const REDIS_FAILED: &str = "Redis failed";
+const REDIS_BACK: &str = "Redis answers again";
+
+fn marked(id: u64) -> Product {
+    Product {
+        id,
+        name: format!("{VALUE_MARK} {id}"),
+    }
+}
+
+/// `get_or_load` of `key` whose loader returns `marked(id)`.
+async fn load(cache: &TieredCache, key: &Key<Product>, id: u64) -> Arc<Product> {
+    cache
+        .get_or_load(key, &EntryOptions::mins(5), move || async move {
+            Ok::<_, std::io::Error>(marked(id))
+        })
+        .await
+        .expect("the loader stands in for Redis")
+}
+
+/// Loads fresh keys until the cache reports Redis back (it uses Redis again).
+async fn until_back(cache: &TieredCache, lines: &Lines, next_id: &mut u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lines.containing(REDIS_BACK) == 0 {
+        assert!(Instant::now() < deadline, "Redis never came back");
+        *next_id += 1;
+        load(cache, &key(*next_id), *next_id).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_trouble_is_logged_once_per_incident_without_secrets_or_values() {
+    let lines = Lines::default();
+    let _capture = tracing::subscriber::set_default(lines.clone());
+
+    // An ACL user with a password: the URL carries a secret.
+    let mut server = RedisServer::start_with(&[
+        "--user",
+        "app",
+        "on",
+        &format!(">{PASSWORD}"),
+        "~*",
+        "&*",
+        "+@all",
+    ])
+    .expect("redis-server");
+    let url = format!("redis://app:{PASSWORD}@127.0.0.1:{}", server.port());
+    let cache = TieredCache::builder()
+        .namespace("logs")
+        .redis(url.as_str())
+        .build()
+        .await
+        .expect("build");
+    assert!(cache.has_l2());
+    load(&cache, &key(1), 1).await;
+
+    // An entry in Redis that does not decode: logged, without its bytes.
+    let raw_key = common::redis_key("logs", &key(2));
+    redis::cmd("SET")
+        .arg(&raw_key)
+        .arg(format!("garbage {VALUE_MARK}"))
+        .query::<()>(&mut server.connection().expect("connection"))
+        .expect("SET");
+    assert!(cache.get(&key(2)).await.is_none(), "a bad entry is a miss");
+    assert_eq!(cache.stats().decode_failures, 1);
+    assert_eq!(lines.containing("unusable"), 1, "{:#?}", lines.all());
+
+    // Incident 1: Redis is down; misses spaced past the resting window each
+    // try Redis and fail, but the incident is logged once.
+    server.kill();
+    let mut id = 100;
+    for _ in 0..4 {
+        id += 1;
+        assert_eq!(load(&cache, &key(id), id).await.id, id);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let errors = cache.stats().l2_errors;
+    assert!(errors >= 4, "each spaced miss tried Redis: {errors}");
+    assert_eq!(lines.containing(REDIS_FAILED), 1, "{:#?}", lines.all());
+
+    // Back: said once. Incident 2: logged again, once.
+    server.restart().expect("restart");
+    until_back(&cache, &lines, &mut id).await;
+    assert_eq!(lines.containing(REDIS_BACK), 1, "{:#?}", lines.all());
+    server.kill();
+    for _ in 0..3 {
+        id += 1;
+        load(&cache, &key(id), id).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(lines.containing(REDIS_FAILED), 2, "{:#?}", lines.all());
+
+    let all = lines.all();
+    println!("{} log lines:\n{}", all.len(), all.join("\n"));
+    for line in &all {
+        assert!(!line.contains(PASSWORD), "a password was logged: {line}");
+        assert!(!line.contains("redis://"), "a URL was logged: {line}");
+        assert!(!line.contains(VALUE_MARK), "a value was logged: {line}");
+    }
+}
