@@ -26,21 +26,8 @@
 //! meanwhile, it sends one `Flush` instead, which makes receivers treat it as
 //! a gap. A message a receiver cannot decode is treated the same way.
 //!
-//! # Why a dedicated `aio::PubSub` connection
-//! redis-rs 1.8 offers two ways to subscribe from tokio (NOTES-redis-moka §2):
-//! a RESP3 push sender on a `ConnectionManager` with automatic resubscription,
-//! or a dedicated RESP2 `aio::PubSub` whose stream ends when the connection
-//! drops. This module uses the latter and reconnects itself, because:
-//! - the moment the subscription is live again is exactly when
-//!   `subscribe().await` returns, which is when L1 must be cleared; the
-//!   manager resubscribes in the background, ignores resubscription errors
-//!   (connection_manager.rs:612-615) and only tells of the disconnection;
-//! - it needs no RESP3, so it works with any URL the L2 tier accepts, and the
-//!   subscriber is a RESP2 pub/sub client that the usual Redis tools see as
-//!   one (`CLIENT KILL TYPE pubsub`, the `pubsub` output-buffer limit);
-//! - a connection that hangs without closing (a paused server, a silent
-//!   network cut) is caught by a periodic `PING` on the same connection,
-//!   with a timeout, which the split `PubSubSink` allows beside the stream.
+//! The subscriber is a dedicated RESP2 pub/sub connection (`l2/pubsub.rs`
+//! says why), which this module reconnects itself.
 //!
 //! Publishing goes through the L2 tier's multiplexed connection, under its
 //! timeout and error accounting.
@@ -48,15 +35,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, ProtocolVersion};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::l1::L1;
-use crate::l2::L2;
+use crate::l2::{Health, Messages, L2};
 use crate::stats::Stats;
 use crate::tags::TagVersions;
 
@@ -124,13 +108,13 @@ impl Backplane {
     /// are not trusted.
     pub(crate) async fn start(l2: &L2, local: Local, wait: Duration) -> Backplane {
         let id = rand::random::<u64>();
-        let channel = l2.key("#backplane");
+        let channel = l2.channel("#backplane");
         local.tags.set_live(false);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(publish_loop(rx, l2.clone(), channel.clone(), id));
         let (ready_tx, ready_rx) = oneshot::channel();
         let subscriber = Subscriber {
-            client: resp2(l2.client()),
+            l2: l2.clone(),
             channel,
             id,
             local,
@@ -149,17 +133,6 @@ impl Backplane {
         // after this handle is dropped.
         let _ = self.tx.send(event);
     }
-}
-
-/// The same server and settings as `client`, spoken in RESP2: `aio::PubSub`
-/// is a RESP2 connection, and a RESP2 subscriber is a `pubsub` client.
-fn resp2(client: &Client) -> Client {
-    let info = client.get_connection_info().clone();
-    let redis = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP2);
-    Client::open(info.set_redis_settings(redis)).unwrap_or_else(|_| client.clone())
 }
 
 /// Encodes one message.
@@ -188,9 +161,7 @@ async fn publish_loop(mut rx: mpsc::UnboundedReceiver<Event>, l2: L2, channel: S
             return;
         }
         let (payload, events) = encode(id, std::mem::take(&mut batch));
-        let sent = l2
-            .run::<()>(redis::cmd("PUBLISH").arg(&channel).arg(payload))
-            .await;
+        let sent = l2.publish(&channel, &payload).await;
         if sent.is_ok() {
             backoff.reset();
             continue;
@@ -223,7 +194,7 @@ async fn publish_loop(mut rx: mpsc::UnboundedReceiver<Event>, l2: L2, channel: S
 
 /// The subscriber: keeps one subscription alive and applies what arrives.
 struct Subscriber {
-    client: Client,
+    l2: L2,
     channel: String,
     id: u64,
     local: Local,
@@ -238,7 +209,7 @@ impl Subscriber {
         let mut failing = false;
         loop {
             match self.subscribe().await {
-                Ok((sink, stream)) => {
+                Ok((health, messages)) => {
                     self.resync(subscribed_before);
                     if subscribed_before {
                         tracing::info!(
@@ -252,7 +223,7 @@ impl Subscriber {
                     subscribed_before = true;
                     failing = false;
                     backoff.reset();
-                    let why = self.listen(sink, stream).await;
+                    let why = self.listen(health, messages).await;
                     self.local.tags.set_live(false);
                     tracing::warn!(
                         channel = %self.channel,
@@ -272,17 +243,11 @@ impl Subscriber {
     }
 
     /// A new connection, subscribed (the subscription is confirmed on return).
-    async fn subscribe(&self) -> Result<(PubSubSink, PubSubStream), &'static str> {
-        let connect = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(&self.channel).await?;
-            Ok::<_, redis::RedisError>(pubsub.split())
-        };
-        match tokio::time::timeout(self.timeout * 4, connect).await {
-            Ok(Ok(split)) => Ok(split),
-            Ok(Err(_)) => Err("connection or SUBSCRIBE failed"),
-            Err(_) => Err("no answer in time"),
-        }
+    async fn subscribe(&self) -> Result<(Health, Messages), &'static str> {
+        self.l2
+            .subscribe(&self.channel, self.timeout * 4)
+            .await
+            .map_err(|fault| fault.describe())
     }
 
     /// After (re)subscribing: nothing this instance knew can be trusted,
@@ -301,22 +266,19 @@ impl Subscriber {
     }
 
     /// Applies messages until the connection ends or stops answering.
-    async fn listen(&self, mut sink: PubSubSink, mut stream: PubSubStream) -> &'static str {
-        let mut health = tokio::time::interval(HEALTH_INTERVAL);
-        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        health.tick().await; // the first tick is immediate
+    async fn listen(&self, mut health: Health, mut messages: Messages) -> &'static str {
+        let mut ticks = tokio::time::interval(HEALTH_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is immediate
         loop {
             tokio::select! {
-                message = stream.next() => match message {
-                    Some(message) => self.apply(message.get_payload_bytes()).await,
+                message = messages.next() => match message {
+                    Some(payload) => self.apply(&payload).await,
                     None => return "connection closed",
                 },
-                _ = health.tick() => {
-                    let ping = sink.ping::<redis::Value>();
-                    match tokio::time::timeout(self.timeout * 2, ping).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(_)) => return "PING failed",
-                        Err(_) => return "no answer to PING",
+                _ = ticks.tick() => {
+                    if let Err(why) = health.ping(self.timeout * 2).await {
+                        return why;
                     }
                 }
             }

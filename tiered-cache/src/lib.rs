@@ -77,6 +77,8 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod backplane;
+mod batch;
+mod builder;
 mod cache;
 mod codec;
 mod entry;
@@ -91,11 +93,13 @@ mod options;
 mod refresh;
 mod stats;
 mod tags;
+mod tiers;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use cache::{TieredCache, TieredCacheBuilder};
+pub use builder::TieredCacheBuilder;
+pub use cache::TieredCache;
 pub use codec::{Codec, Postcard};
 pub use error::{Error, ErrorKind, LoadError, Result};
 pub use key::Key;

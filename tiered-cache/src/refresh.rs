@@ -5,9 +5,28 @@
 //! `now - delta * beta * ln(rand) >= expiry`, where `delta` is how long the
 //! last load took. Refreshes start earlier for slow loads and as expiry
 //! nears, so a hot key is reloaded by one background task before it expires
-//! and no caller waits. This module only decides; the read path acts.
+//! and no caller waits.
+//!
+//! The rest of this module runs loads as a flight's leader: in the caller's
+//! task, or in the background while callers are served the cached or stale
+//! value (stale-while-revalidate), with the soft and hard timeouts and the
+//! fail-safe (a failed load keeps serving the stale value, throttled).
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::cache::{Outcome, Served, TieredCache};
+use crate::codec::Codec;
+use crate::error::{Error, ErrorKind, LoadError};
+use crate::flight::{Leader, Waiter};
+use crate::l1::{AnyValue, L1Entry};
+use crate::loader::Load;
+use crate::options::{EntryOptions, Resolved};
+use crate::tiers::typed;
 
 /// `-ln(rand)` exceeds this with probability e^-12 (about 6 in a million), so
 /// entries further than `delta * beta * CUTOFF` from expiry skip the random
@@ -34,6 +53,283 @@ pub(crate) fn early_refresh_due(
     let draw: f64 = rand::random::<f64>();
     // ln(0) is -inf: a certain refresh, which is XFetch's limit anyway.
     scale * -draw.ln() >= remaining
+}
+
+impl TieredCache {
+    /// Runs the loader as the flight's leader: in the caller's task, or,
+    /// with a stale fallback, in the background while the caller takes the
+    /// stale value at the soft timeout (stale-while-revalidate, fail-safe).
+    pub(crate) async fn lead_load<V, C, E, L>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: L,
+        leader: Leader,
+        fallback: Option<Arc<L1Entry>>,
+    ) -> Outcome<V, E>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+        E: Send + Sync + 'static,
+        L: Load<V, E>,
+    {
+        self.inner.tiers.stats.misses.incr();
+        let opts = options.resolve(&self.inner.defaults);
+        let Some(stale) = fallback else {
+            return self
+                .run_load::<V, C, E, _>(key, opts, loader, leader, None)
+                .await;
+        };
+        self.inner.tiers.stats.stale_refreshes.incr();
+        let loader = match loader.detach() {
+            Ok(detached) => detached,
+            Err(scoped) => {
+                // A borrowed loader refreshes in this caller's task; a
+                // failure still serves the stale value (fail-safe).
+                return match self
+                    .run_load::<V, C, E, _>(key, opts, scoped, leader, Some(Arc::clone(&stale)))
+                    .await
+                {
+                    Ok(value) => Ok(value),
+                    Err(_) => self.stale_outcome::<V, E>(&stale),
+                };
+            }
+        };
+        let wait = leader.subscribe().wait::<Outcome<V, E>>();
+        let this = self.clone();
+        let (key, bg_stale) = (key.to_owned(), Arc::clone(&stale));
+        tokio::spawn(async move {
+            let _ = this
+                .run_load::<V, C, E, _>(&key, opts, loader, leader, Some(bg_stale))
+                .await;
+        });
+        match self
+            .await_with_fallback(wait, Some(&stale), options, true)
+            .await
+        {
+            Some(outcome) => outcome,
+            None => self.stale_outcome::<V, E>(&stale),
+        }
+    }
+
+    /// Starts an XFetch refresh of a fresh entry. An owned loader runs in a
+    /// background task and the caller keeps the cached value (`None`); a
+    /// borrowed loader cannot, so the caller is told to refresh in its own
+    /// task (`Some(Served::Refresh)`) while every other caller keeps hitting.
+    pub(crate) fn early_refresh<V, C, E, L>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        entry: &Arc<L1Entry>,
+        loader: &mut Option<L>,
+    ) -> Option<Served<V>>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+        E: Send + Sync + 'static,
+        L: Load<V, E>,
+    {
+        let leader = self.inner.flights.try_lead::<Outcome<V, E>>(key)?;
+        match loader.take()?.detach() {
+            Ok(detached) => {
+                self.inner.tiers.stats.early_refreshes.incr();
+                let this = self.clone();
+                let (key, opts, stale) = (
+                    key.to_owned(),
+                    options.resolve(&self.inner.defaults),
+                    Arc::clone(entry),
+                );
+                tokio::spawn(async move {
+                    let _ = this
+                        .run_load::<V, C, E, _>(&key, opts, detached, leader, Some(stale))
+                        .await;
+                });
+                None
+            }
+            Err(scoped) => {
+                *loader = Some(scoped);
+                Some(Served::Refresh(leader, typed::<V>(entry).flatten()))
+            }
+        }
+    }
+
+    /// Runs an XFetch refresh in the caller's task (a borrowed loader). On
+    /// failure the caller still gets the cached value, which is fresh.
+    pub(crate) async fn refresh_in_place<V, C, E, L>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: &mut Option<L>,
+        leader: Leader,
+        entry: Arc<L1Entry>,
+        hit: Option<Arc<V>>,
+    ) -> Outcome<V, E>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+        E: Send + Sync + 'static,
+        L: Load<V, E>,
+    {
+        let Some(loader) = loader.take() else {
+            return Ok(hit);
+        };
+        self.inner.tiers.stats.early_refreshes.incr();
+        let opts = options.resolve(&self.inner.defaults);
+        match self
+            .run_load::<V, C, E, L>(key, opts, loader, leader, Some(entry))
+            .await
+        {
+            Ok(Some(value)) => Ok(Some(value)),
+            _ => Ok(hit),
+        }
+    }
+
+    /// Waits on another caller's load. A caller that joined with no stale
+    /// value still gets one when the load fails and the leader had found
+    /// one meanwhile (in Redis, after this caller looked in L1): fail-safe
+    /// reaches every waiter, not only the callers that came later.
+    pub(crate) async fn wait_for_load<V, E>(
+        &self,
+        key: &str,
+        waiter: Waiter,
+        fallback: Option<&Arc<L1Entry>>,
+        options: &EntryOptions,
+    ) -> Option<Outcome<V, E>>
+    where
+        V: Send + Sync + 'static,
+        E: Send + Sync + 'static,
+    {
+        let wait = waiter.wait::<Outcome<V, E>>();
+        match self
+            .await_with_fallback(wait, fallback, options, false)
+            .await
+        {
+            Some(Err(error)) if fallback.is_none() => match self.inner.tiers.l1_get(key).await {
+                Some(entry) if matches!(typed::<V>(&entry), Some(Some(_))) => {
+                    Some(self.stale_outcome::<V, E>(&entry))
+                }
+                _ => Some(Err(error)),
+            },
+            outcome => outcome,
+        }
+    }
+
+    /// Waits for a load; with a stale fallback, at most the soft timeout.
+    /// `None` means the leader gave up and the caller should try again.
+    /// Only the caller that `leads` the load counts a soft timeout, so
+    /// `loader_timeouts` counts slow loads, not their waiting callers.
+    pub(crate) async fn await_with_fallback<V, E>(
+        &self,
+        wait: impl Future<Output = Option<Outcome<V, E>>>,
+        fallback: Option<&Arc<L1Entry>>,
+        options: &EntryOptions,
+        leads: bool,
+    ) -> Option<Outcome<V, E>>
+    where
+        V: Send + Sync + 'static,
+        E: Send + Sync + 'static,
+    {
+        let Some(stale) = fallback else {
+            return wait.await;
+        };
+        let soft = options.soft_timeout_or_default(&self.inner.defaults);
+        match tokio::time::timeout(soft, wait).await {
+            Ok(Some(Ok(value))) => Some(Ok(value)),
+            Ok(Some(Err(_)) | None) => Some(self.stale_outcome::<V, E>(stale)),
+            Err(_) => {
+                if leads && !soft.is_zero() {
+                    self.inner.tiers.stats.loader_timeouts.incr();
+                }
+                Some(self.stale_outcome::<V, E>(stale))
+            }
+        }
+    }
+
+    pub(crate) fn stale_outcome<V: Send + Sync + 'static, E>(
+        &self,
+        stale: &Arc<L1Entry>,
+    ) -> Outcome<V, E> {
+        self.inner.tiers.stats.stale_served.incr();
+        Ok(typed::<V>(stale).flatten())
+    }
+
+    /// Runs the loader as the flight's leader, stores the result, and
+    /// publishes it to the waiters. With `stale`, a failure keeps serving the
+    /// stale value (fail-safe) and delays the next attempt.
+    pub(crate) async fn run_load<V, C, E, L>(
+        &self,
+        key: &str,
+        opts: Resolved,
+        loader: L,
+        leader: Leader,
+        stale: Option<Arc<L1Entry>>,
+    ) -> Outcome<V, E>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+        E: Send + Sync + 'static,
+        L: Load<V, E>,
+    {
+        // Stamp tags before loading: an invalidation racing the load then
+        // makes the stored entry stale instead of being lost.
+        let stamps = self
+            .inner
+            .tiers
+            .tags
+            .stamps(&opts.tags, self.inner.tiers.l2.as_ref())
+            .await;
+        self.inner.tiers.stats.loads.incr();
+        let started = Instant::now();
+        let loaded = match opts.hard_timeout {
+            Some(limit) => tokio::time::timeout(limit, loader.load())
+                .await
+                .map_err(|_| limit),
+            None => Ok(loader.load().await),
+        };
+        let took = started.elapsed();
+        let outcome: Outcome<V, E> = match loaded {
+            Ok(Ok(Some(value))) => {
+                let typed_value = Some(&*value);
+                let erased: AnyValue = value.clone();
+                let ttl = opts.ttl;
+                let _ = self
+                    .inner
+                    .tiers
+                    .store::<V, C>(key, typed_value, Some(&erased), &opts, stamps, took, ttl)
+                    .await;
+                Ok(Some(value))
+            }
+            Ok(Ok(None)) => {
+                if let Some(ttl) = opts.negative_ttl {
+                    let _ = self
+                        .inner
+                        .tiers
+                        .store::<V, C>(key, None, None, &opts, stamps, took, ttl)
+                        .await;
+                }
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                self.inner.tiers.stats.load_errors.incr();
+                Err(LoadError::Loader(Arc::new(e)))
+            }
+            Err(limit) => {
+                self.inner.tiers.stats.loader_timeouts.incr();
+                Err(LoadError::Cache(Error::new(
+                    ErrorKind::Timeout,
+                    format!("the loader did not finish within its hard timeout of {limit:?}; it was abandoned"),
+                )))
+            }
+        };
+        if let (Err(_), Some(stale)) = (&outcome, &stale) {
+            self.inner
+                .tiers
+                .throttle_failsafe(key, stale, opts.failsafe_throttle)
+                .await;
+        }
+        leader.finish::<Outcome<V, E>>(outcome.clone());
+        outcome
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! tag, and every command touches one key, so it works unchanged in Redis
 //! Cluster). An entry records the version of each of its tags as it was
 //! *before* its value was loaded. Invalidating a tag bumps its version with
-//! one single-key script: O(1) whatever the number of entries, no KEYS/SCAN,
+//! one single-key script (`l2/scripts/bump_tag.lua`): O(1) whatever the number of entries, no KEYS/SCAN,
 //! no huge DEL. A reader treats an entry as a miss when any of its tag stamps
 //! is older than the tag's current version; the old entries then expire in
 //! Redis on their own TTL. Because the stamp is taken before the load, a slow
@@ -56,16 +56,6 @@ use crate::l2::L2;
 
 /// The implicit tag of every entry; `clear()` bumps it.
 pub(crate) const EPOCH_TAG: &str = "\0ns";
-
-/// Sets a tag's version to `max(previous + 1, server time in µs)`. One key,
-/// so it runs in Redis Cluster; `TIME` is allowed in scripts since Redis 5
-/// (effects replication).
-const BUMP_SCRIPT: &str = "\
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if now > cur + 1 then return redis.call('INCRBY', KEYS[1], now - cur) end
-return redis.call('INCR', KEYS[1])";
 
 /// The tag versions this instance knows.
 #[derive(Debug)]
@@ -195,15 +185,10 @@ impl TagVersions {
         let Some(l2) = l2 else {
             return; // without Redis, what this instance knows is all there is
         };
-        let mut cmd = redis::cmd("MGET");
-        for tag in tags {
-            cmd.arg(l2.key(&tag_key(tag)));
-        }
-        if let Ok(versions) = l2.run::<Vec<Option<u64>>>(&cmd).await {
-            if versions.len() == tags.len() {
-                for (tag, version) in tags.iter().zip(versions) {
-                    self.observe(tag, version.unwrap_or(0));
-                }
+        let bodies: Vec<String> = tags.iter().map(|tag| tag_key(tag)).collect();
+        if let Ok(versions) = l2.tag_versions(&bodies).await {
+            for (tag, version) in tags.iter().zip(versions) {
+                self.observe(tag, version);
             }
         }
     }
@@ -212,12 +197,7 @@ impl TagVersions {
     pub(crate) async fn bump(&self, tag: &str, l2: Option<&L2>) -> Result<u64, crate::Error> {
         let version = match l2 {
             Some(l2) => l2
-                .run::<u64>(
-                    redis::cmd("EVAL")
-                        .arg(BUMP_SCRIPT)
-                        .arg(1)
-                        .arg(l2.key(&tag_key(tag))),
-                )
+                .bump_tag(&tag_key(tag))
                 .await
                 .map_err(crate::l2::L2Fault::into_error)?,
             None => self.known(tag).unwrap_or(0) + 1,

@@ -17,6 +17,10 @@ use crate::entry::now_ms;
 use crate::error::{Error, ErrorKind};
 use crate::stats::Stats;
 
+mod pubsub;
+
+pub(crate) use pubsub::{Health, Messages};
+
 /// Why a Redis call did not give an answer.
 #[derive(Debug)]
 pub(crate) enum L2Fault {
@@ -28,6 +32,8 @@ pub(crate) enum L2Fault {
     Redis(RedisError),
     /// Not tried: Redis failed moments ago and is given a short rest.
     Resting,
+    /// Redis answered with something this tier did not expect.
+    Malformed,
 }
 
 impl L2Fault {
@@ -37,6 +43,10 @@ impl L2Fault {
             L2Fault::Resting => Error::new(
                 ErrorKind::L2,
                 "Redis failed moments ago; the cache is serving without it and retries shortly",
+            ),
+            L2Fault::Malformed => Error::new(
+                ErrorKind::L2,
+                "Redis answered with an unexpected reply; is something else writing this namespace?",
             ),
             L2Fault::Timeout => Error::new(
                 ErrorKind::Timeout,
@@ -160,19 +170,13 @@ impl L2 {
         })
     }
 
-    /// The client the tier was opened with, to open connections of other
-    /// kinds (a pub/sub subscriber) to the same server with the same settings.
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// The L2 timeout, which bounds every command.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
     /// The Redis key of an entry, or of any other key of this namespace.
-    pub(crate) fn key(&self, body: &str) -> String {
+    fn key(&self, body: &str) -> String {
         let mut k = String::with_capacity(self.namespace.len() + 1 + body.len());
         k.push_str(&self.namespace);
         k.push(':');
@@ -180,20 +184,50 @@ impl L2 {
         k
     }
 
+    /// The name of a pub/sub channel of this namespace.
+    pub(crate) fn channel(&self, name: &str) -> String {
+        self.key(name)
+    }
+
     /// Runs one command under the timeout, counting and logging failures.
-    pub(crate) async fn run<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, L2Fault> {
+    async fn run<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, L2Fault> {
+        self.guarded(|mut conn| async move { cmd.query_async::<T>(&mut conn).await })
+            .await
+    }
+
+    /// Runs one script (its text: EVAL, so a restarted or failed-over
+    /// Redis never answers `NOSCRIPT`) under the timeout.
+    async fn run_script<T: FromRedisValue>(
+        &self,
+        script: &str,
+        keys: &[String],
+        args: &[&[u8]],
+    ) -> Result<T, L2Fault> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script).arg(keys.len()).arg(keys);
+        for arg in args {
+            cmd.arg(*arg);
+        }
+        self.run(&cmd).await
+    }
+
+    /// Sends one request (unless Redis is resting), under the timeout; counts
+    /// and logs the failure.
+    async fn guarded<T, F, Fut>(&self, send: F) -> Result<T, L2Fault>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
         if self.resting_until_ms.load(Ordering::Relaxed) > now_ms() {
             self.stats.l2_skipped.incr();
             return Err(L2Fault::Resting);
         }
-        let mut conn = self.conn.clone();
-        let outcome =
-            match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) if e.code() == Some("WRONGTYPE") => return Err(L2Fault::WrongType),
-                Ok(Err(e)) => Err(L2Fault::Redis(e)),
-                Err(_) => Err(L2Fault::Timeout),
-            };
+        let outcome = match tokio::time::timeout(self.timeout, send(self.conn.clone())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.code() == Some("WRONGTYPE") => return Err(L2Fault::WrongType),
+            Ok(Err(e)) => Err(L2Fault::Redis(e)),
+            Err(_) => Err(L2Fault::Timeout),
+        };
         self.record(&outcome);
         outcome
     }
@@ -260,6 +294,32 @@ impl L2 {
         .await
     }
 
+    /// The values of counters (tag versions); a missing counter is 0. One MGET.
+    pub(crate) async fn tag_versions(&self, bodies: &[String]) -> Result<Vec<u64>, L2Fault> {
+        let mut cmd = redis::cmd("MGET");
+        for body in bodies {
+            cmd.arg(self.key(body));
+        }
+        let versions: Vec<Option<u64>> = self.run(&cmd).await?;
+        if versions.len() != bodies.len() {
+            return Err(L2Fault::Malformed);
+        }
+        Ok(versions.into_iter().map(|v| v.unwrap_or(0)).collect())
+    }
+
+    /// Bumps a counter (a tag version) past its value and past the server's
+    /// clock in µs, and returns the new value (`scripts/bump_tag.lua`).
+    pub(crate) async fn bump_tag(&self, body: &str) -> Result<u64, L2Fault> {
+        let script = include_str!("scripts/bump_tag.lua");
+        self.run_script(script, &[self.key(body)], &[]).await
+    }
+
+    /// PUBLISH of one message on a channel from [`L2::channel`].
+    pub(crate) async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), L2Fault> {
+        self.run::<()>(redis::cmd("PUBLISH").arg(channel).arg(payload))
+            .await
+    }
+
     /// UNLINK (non-blocking delete) of entries.
     pub(crate) async fn del(&self, bodies: &[&str]) -> Result<(), L2Fault> {
         if bodies.is_empty() {
@@ -278,6 +338,7 @@ fn describe(fault: &L2Fault) -> String {
         L2Fault::WrongType => "WRONGTYPE".to_owned(),
         L2Fault::Timeout => "timeout".to_owned(),
         L2Fault::Resting => "resting".to_owned(),
+        L2Fault::Malformed => "unexpected reply".to_owned(),
         L2Fault::Redis(e) => {
             // Never the error's own text: a connection error may quote the URL.
             let what = if e.is_connection_refusal() {

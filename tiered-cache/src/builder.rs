@@ -1,0 +1,189 @@
+//! [`TieredCacheBuilder`]: settings, their validation, and the wiring of a
+//! cache's parts in `build()`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backplane::{Backplane, Local};
+use crate::cache::TieredCache;
+use crate::error::{Error, ErrorKind};
+use crate::l1::L1;
+use crate::l2::{L2Config, RedisUrl, L2};
+use crate::options::EntryOptions;
+use crate::stats::Stats;
+use crate::tags::TagVersions;
+use crate::tiers::Tiers;
+
+/// Builds a [`TieredCache`]; from [`TieredCache::builder`].
+/// Builds a [`TieredCache`]; from [`TieredCache::builder`].
+#[must_use]
+#[derive(Debug, Clone)]
+pub struct TieredCacheBuilder {
+    namespace: String,
+    l1_max_bytes: u64,
+    l1_ttl_cap: Option<Duration>,
+    /// Its `Debug` hides the password: the builder derives `Debug`.
+    redis_url: Option<RedisUrl>,
+    l2_timeout: Duration,
+    backplane: bool,
+    require_l2: bool,
+    max_value_bytes: usize,
+    defaults: EntryOptions,
+}
+
+impl Default for TieredCacheBuilder {
+    fn default() -> Self {
+        TieredCacheBuilder {
+            namespace: "tc".to_owned(),
+            l1_max_bytes: 64 << 20,
+            l1_ttl_cap: None,
+            redis_url: None,
+            l2_timeout: Duration::from_millis(250),
+            backplane: true,
+            require_l2: false,
+            max_value_bytes: 1 << 20,
+            defaults: EntryOptions::default(),
+        }
+    }
+}
+
+impl TieredCacheBuilder {
+    /// Prefix of every Redis key, so services sharing a Redis never collide.
+    /// Default: `"tc"`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Bound of the in-process tier, in bytes (entries are weighed by their
+    /// encoded size plus a fixed overhead). `0` turns L1 off. Default: 64 MiB.
+    pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
+        self.l1_max_bytes = bytes;
+        self
+    }
+
+    /// Longest time an entry stays in L1, whatever its TTL: bounds how long an
+    /// instance can serve a value whose invalidation it missed. Default: none.
+    pub fn l1_ttl_cap(mut self, cap: Duration) -> Self {
+        self.l1_ttl_cap = Some(cap);
+        self
+    }
+
+    /// Redis URL of the shared tier (`redis://[:password@]host:port[/db]`;
+    /// `rediss://` with the `tls` feature). Default: none, the cache is L1-only.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = Some(RedisUrl::new(url.into()));
+        self
+    }
+
+    /// Longest wait for any Redis command; past it the cache serves from L1
+    /// and the loader. Default: 250 ms.
+    pub fn l2_timeout(mut self, timeout: Duration) -> Self {
+        self.l2_timeout = timeout;
+        self
+    }
+
+    /// Whether this instance tells the others about its invalidations and
+    /// listens to theirs over Redis pub/sub, so that no instance keeps
+    /// serving from L1 what another one invalidated. Only with a Redis tier.
+    /// Turned off, L1 entries are dropped only by their TTL (set
+    /// [`l1_ttl_cap`](Self::l1_ttl_cap)), and every L2 read of an entry also
+    /// reads its tag versions from Redis. Default: true.
+    pub fn backplane(mut self, enabled: bool) -> Self {
+        self.backplane = enabled;
+        self
+    }
+
+    /// Make [`build`](Self::build) fail when Redis is unreachable instead of
+    /// starting L1-only and connecting later. Default: false.
+    pub fn require_l2(mut self, require: bool) -> Self {
+        self.require_l2 = require;
+        self
+    }
+
+    /// Values whose encoding is larger are kept in L1 only (counted as
+    /// `oversized_skips`), never written to Redis. Default: 1 MiB.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// TTL of entries written without one. Default: 5 minutes.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.defaults = self.defaults.ttl(ttl);
+        self
+    }
+
+    /// Options that per-call [`EntryOptions`] fall back to.
+    /// Default: `EntryOptions::default()`.
+    pub fn default_options(mut self, options: EntryOptions) -> Self {
+        self.defaults = options;
+        self
+    }
+
+    /// Builds the cache. With a Redis URL, checks that Redis answers; when it
+    /// does not, the cache starts L1-only and keeps reconnecting (unless
+    /// [`require_l2`](Self::require_l2) is set).
+    ///
+    /// # Errors
+    /// An invalid Redis URL or namespace; an unreachable Redis with `require_l2`.
+    pub async fn build(self) -> Result<TieredCache, Error> {
+        if self.namespace.is_empty() || self.namespace.contains(['{', '}']) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the namespace must be non-empty and contain no `{` or `}`",
+            ));
+        }
+        let stats = Arc::new(Stats::default());
+        let l2 = match &self.redis_url {
+            Some(url) => {
+                let config = L2Config {
+                    url: url.clone(),
+                    namespace: self.namespace.clone(),
+                    timeout: self.l2_timeout,
+                };
+                let l2 = L2::connect(&config, Arc::clone(&stats))?;
+                if let Err(fault) = l2.ping().await {
+                    if self.require_l2 {
+                        return Err(Error::new(
+                            ErrorKind::L2,
+                            "Redis is not reachable and `require_l2` is set; start Redis or check the URL",
+                        )
+                        .with_source(fault.into_error()));
+                    }
+                }
+                Some(l2)
+            }
+            None => None,
+        };
+        let l1 = (self.l1_max_bytes > 0).then(|| L1::new(self.l1_max_bytes, self.l1_ttl_cap));
+        // Without Redis there is no other instance: what this one knows of
+        // tag versions is all there is. With Redis, the backplane vouches.
+        let tags = Arc::new(TagVersions::new(l2.is_none()));
+        let backplane = match &l2 {
+            Some(l2) if self.backplane => {
+                let local = Local {
+                    l1: l1.clone(),
+                    tags: Arc::clone(&tags),
+                    stats: Arc::clone(&stats),
+                };
+                // Subscribed before first use, unless the ping above failed.
+                let wait = if stats.l2_errors.get() == 0 {
+                    self.l2_timeout.max(Duration::from_millis(500)) * 4
+                } else {
+                    Duration::ZERO
+                };
+                Some(Backplane::start(l2, local, wait).await)
+            }
+            _ => None,
+        };
+        let tiers = Tiers {
+            l1,
+            l2,
+            tags,
+            stats,
+            max_value_bytes: self.max_value_bytes,
+        };
+        Ok(TieredCache::from_parts(tiers, self.defaults, backplane))
+    }
+}
