@@ -11,14 +11,13 @@ use serde::Serialize;
 
 use crate::cache::{unreachable_none, Outcome, Served, TieredCache};
 use crate::codec::Codec;
-use crate::entry;
 use crate::error::LoadError;
 use crate::flight::Join;
 use crate::key::Key;
-use crate::l1::{L1Entry, Ticket};
+use crate::l1::L1Entry;
 use crate::loader::{Load, Owned};
 use crate::options::EntryOptions;
-use crate::tiers::typed;
+use crate::tiers::{typed, Claim};
 
 impl TieredCache {
     /// The values under `keys`, in order: L1 first, then one MGET for all L1
@@ -47,26 +46,8 @@ impl TieredCache {
             return out;
         }
         let bodies: Vec<&str> = missing.iter().map(|&i| keys[i].as_str()).collect();
-        let tickets: Vec<Ticket> = bodies
-            .iter()
-            .map(|body| self.inner.tiers.ticket(body))
-            .collect();
-        let replies = match &self.inner.tiers.l2 {
-            Some(l2) => l2.mget(&bodies).await.unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let now_ms = entry::now_ms();
-        for (n, &i) in missing.iter().enumerate() {
-            let bytes = replies.get(n).and_then(Option::as_deref);
-            let entry = match bytes {
-                Some(bytes) => {
-                    self.inner
-                        .tiers
-                        .accept_l2::<V, C>(bodies[n], bytes, now_ms, tickets[n])
-                        .await
-                }
-                None => None,
-            };
+        let read = self.inner.tiers.read_many::<V, C>(&bodies, false).await;
+        for (&i, (entry, _)) in missing.iter().zip(read) {
             match entry.filter(|e| e.is_fresh(Instant::now())) {
                 Some(e) => {
                     self.inner.tiers.stats.l2_hits.incr();
@@ -129,32 +110,21 @@ impl TieredCache {
             }
             lookup.push(i);
         }
-        // 2. One MGET for everything L1 could not answer.
+        // 2. One MGET for everything L1 could not answer, with the claims
+        // of the loads that may follow.
         let bodies: Vec<&str> = lookup.iter().map(|&i| keys[i].as_str()).collect();
-        let tickets: Vec<Ticket> = bodies
-            .iter()
-            .map(|body| self.inner.tiers.ticket(body))
-            .collect();
-        let replies = match &self.inner.tiers.l2 {
-            Some(l2) if !bodies.is_empty() => l2.mget(&bodies).await.unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        let now_ms = entry::now_ms();
+        let read = self.inner.tiers.read_many::<V, C>(&bodies, true).await;
         let mut missing = Vec::new();
-        for (n, &i) in lookup.iter().enumerate() {
-            let bytes = replies.get(n).and_then(Option::as_deref);
-            let entry = match bytes {
-                Some(bytes) => {
-                    self.inner
-                        .tiers
-                        .accept_l2::<V, C>(bodies[n], bytes, now_ms, tickets[n])
-                        .await
-                }
-                None => None,
-            };
+        for (&i, (entry, claim)) in lookup.iter().zip(read) {
             if let Some(entry) = entry {
                 let mut loader = Some(load_one(&keys[i]));
-                match self.serve::<V, C, E, _>(bodies[n], options, &entry, false, &mut loader) {
+                match self.serve::<V, C, E, _>(
+                    keys[i].as_str(),
+                    options,
+                    &entry,
+                    false,
+                    &mut loader,
+                ) {
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
                         self.inner.tiers.stats.l2_hits.incr();
                         found[i] = Some(Ok(hit));
@@ -164,14 +134,14 @@ impl TieredCache {
                     Served::Miss => {}
                 }
             }
-            missing.push(i);
+            missing.push((i, claim));
         }
         // 3. The loader for what is still missing, all keys at once.
-        let loads = missing.iter().map(|&i| {
+        let loads = missing.into_iter().map(|(i, claim)| {
             let (fallback, loader) = (fallbacks[i].take(), load_one(&keys[i]));
             async move {
                 let outcome = self
-                    .load_missing::<V, C, E, _>(keys[i].as_str(), options, loader, fallback)
+                    .load_missing::<V, C, E, _>(keys[i].as_str(), options, loader, fallback, claim)
                     .await;
                 (i, outcome)
             }
@@ -198,6 +168,7 @@ impl TieredCache {
         options: &EntryOptions,
         loader: L,
         fallback: Option<Arc<L1Entry>>,
+        claim: Claim,
     ) -> Outcome<V, E>
     where
         V: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -217,7 +188,7 @@ impl TieredCache {
                         }
                     }
                 }
-                self.lead_load::<V, C, E, L>(key, options, loader, leader, fallback)
+                self.lead_load::<V, C, E, L>(key, options, loader, leader, fallback, claim)
                     .await
             }
             Join::Waiter(waiter) => {

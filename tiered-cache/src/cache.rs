@@ -19,13 +19,12 @@ use crate::error::{Error, ErrorKind, LoadError};
 use crate::flight::{Flights, Join, Leader};
 use crate::key::Key;
 use crate::l1::{AnyValue, L1Entry};
-use crate::l2::L2Fault;
 use crate::loader::{Load, Owned, Scoped};
 use crate::options::EntryOptions;
 use crate::refresh::early_refresh_due;
 use crate::stats::StatsSnapshot;
 use crate::tags::EPOCH_TAG;
-use crate::tiers::{typed, Tiers};
+use crate::tiers::{typed, Origin, Tiers};
 
 /// The result every caller of one flight shares.
 pub(crate) type Outcome<V, E> = Result<Option<Arc<V>>, LoadError<E>>;
@@ -163,6 +162,7 @@ impl TieredCache {
                 stamps,
                 Duration::ZERO,
                 opts.ttl,
+                Origin::Write,
             )
             .await;
         if stored.is_ok() {
@@ -172,19 +172,15 @@ impl TieredCache {
         stored
     }
 
-    /// Removes `key` from both tiers and tells other instances.
+    /// Removes `key` from both tiers (Redis first) and tells other
+    /// instances. A load of `key` that began before this call, here or on
+    /// another instance, does not store its value afterwards.
     ///
     /// # Errors
     /// When Redis could not be told (the entry is gone from L1 regardless):
     /// other instances may still read the old value until its TTL.
     pub async fn invalidate<V, C>(&self, key: &Key<V, C>) -> Result<(), Error> {
-        if let Some(l1) = &self.inner.tiers.l1 {
-            l1.invalidate(key.as_str()).await;
-        }
-        let deleted = match &self.inner.tiers.l2 {
-            Some(l2) => l2.del(&[key.as_str()]).await.map_err(L2Fault::into_error),
-            None => Ok(()),
-        };
+        let deleted = self.inner.tiers.invalidate(key.as_str()).await;
         self.announce(Event::Key(key.as_str().to_owned()));
         deleted
     }
@@ -424,8 +420,11 @@ impl TieredCache {
                     }
                 }
             };
-            // Another instance may have refreshed what L1 holds stale.
-            if let Some(entry) = self.inner.tiers.read_l2::<V, C>(key).await {
+            // Another instance may have refreshed what L1 holds stale. The
+            // claim, taken before, lets the load store only if nobody wrote
+            // or dropped the key in the meantime.
+            let (found, claim) = self.inner.tiers.read_claimed::<V, C>(key).await;
+            if let Some(entry) = found {
                 match self.serve::<V, C, E, L>(key, options, &entry, negatives, &mut loader) {
                     // This caller already leads the key, so no refresh starts here.
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
@@ -447,7 +446,7 @@ impl TieredCache {
                 continue;
             };
             return self
-                .lead_load::<V, C, E, L>(key, options, loader, leader, fallback)
+                .lead_load::<V, C, E, L>(key, options, loader, leader, fallback, claim)
                 .await;
         }
     }

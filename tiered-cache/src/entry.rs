@@ -16,6 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub(crate) const FORMAT: u8 = 0xA1;
 const FLAG_NEGATIVE: u8 = 1;
 const FIXED_HEADER: usize = 3 + 8 * 3 + 4 + 8 + 2;
+/// Where the version sits in the header: Redis's store script writes the
+/// version it assigns there (`l2/scripts/store.lua`).
+pub(crate) const VERSION_AT: usize = 3 + 8 * 3 + 4;
 
 /// A tag and the version it had when the entry's value was loaded.
 pub(crate) type TagStamp = (Arc<str>, u64);
@@ -30,7 +33,8 @@ pub(crate) struct Meta {
     pub(crate) stale_until_ms: u64,
     /// How long the last load took (XFetch's delta).
     pub(crate) load_micros: u32,
-    /// Monotonic version of the entry, for compare-and-set writes.
+    /// The entry's version, for compare-and-set writes: assigned by Redis
+    /// when the entry is stored there (it only grows, per key), 0 otherwise.
     pub(crate) version: u64,
     pub(crate) tags: Arc<[TagStamp]>,
 }
@@ -195,6 +199,13 @@ mod tests {
         let env = decode(&bytes, 0).unwrap();
         assert_eq!(env.meta, meta());
         assert_eq!(env.value, Some(&b"abc"[..]));
+    }
+
+    #[test]
+    fn the_version_is_where_the_store_script_writes_it() {
+        let bytes = encode_header(&meta(), 0, false, 0);
+        let at = &bytes[VERSION_AT..VERSION_AT + 8];
+        assert_eq!(u64::from_le_bytes(at.try_into().unwrap()), meta().version);
     }
 
     #[test]

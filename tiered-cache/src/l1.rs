@@ -342,6 +342,20 @@ impl L1 {
         }
     }
 
+    /// Puts a newly written `entry` in place of whatever `key` held, and
+    /// counts it as a drop: a promotion or a load that read Redis before
+    /// this write must not land over it (see [`L1::insert_since`]).
+    pub(crate) async fn replace(&self, key: &str, entry: Arc<L1Entry>) {
+        let stripe = stripe_of(key);
+        self.drops.keys[stripe].fetch_add(1, SeqCst);
+        let _stripe = self.drops.locks[stripe].lock().await;
+        if entry.drop_at > Instant::now() {
+            self.cache.insert(Arc::from(key), entry).await;
+        } else {
+            self.cache.invalidate(key).await;
+        }
+    }
+
     pub(crate) async fn invalidate(&self, key: &str) {
         let stripe = stripe_of(key);
         self.drops.keys[stripe].fetch_add(1, SeqCst);
@@ -464,6 +478,16 @@ mod tests {
             l1.get("newer").await.is_some(),
             "stamped at the new version"
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_wins_over_a_promotion_read_before_it() {
+        let l1 = L1::new(1 << 20, None);
+        let ticket = l1.ticket("k");
+        let written = entry(&l1, "k");
+        l1.replace("k", Arc::clone(&written)).await;
+        assert!(!l1.insert_since("k", entry(&l1, "k"), ticket).await);
+        assert!(Arc::ptr_eq(&l1.get("k").await.unwrap(), &written));
     }
 
     #[tokio::test]

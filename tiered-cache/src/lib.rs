@@ -27,6 +27,23 @@
 //! that do not decode are a counted miss and are deleted. Connection strings
 //! are never logged.
 //!
+//! **Writes.** Every write to Redis is compare-and-set on the entry's
+//! version, a per-key counter beside the entry (same Cluster slot) that only
+//! grows. [`set`](TieredCache::set) and
+//! [`invalidate`](TieredCache::invalidate) advance it; a load reads it before
+//! it calls the loader and stores its value only if it has not moved since.
+//! So a slow load that began before a write or an invalidation, on this
+//! instance or another, never stores its older value in either tier: its
+//! caller still gets the value it loaded, and the refusal is counted
+//! (`stats.stale_writes_refused`). `set` writes Redis, then L1, then tells the
+//! other instances; `invalidate` deletes in Redis, then drops L1, then tells
+//! them. When Redis fails, `set` keeps the value in this instance's L1 only
+//! (counted and logged, not an error), and `invalidate` drops it here and
+//! returns the error: other instances may serve the old value until their
+//! L1 entry expires (bound it with
+//! [`l1_ttl_cap`](TieredCacheBuilder::l1_ttl_cap)). A load whose Redis read
+//! failed does not write Redis at all.
+//!
 //! **Tags.** [`invalidate_tag`](TieredCache::invalidate_tag) is O(1): tags
 //! carry version counters, and entries stamped with an older version read
 //! as misses. [`clear`](TieredCache::clear) does the same for a whole

@@ -26,7 +26,7 @@ use crate::flight::{Leader, Waiter};
 use crate::l1::{AnyValue, L1Entry};
 use crate::loader::Load;
 use crate::options::{EntryOptions, Resolved};
-use crate::tiers::typed;
+use crate::tiers::{typed, Claim, Origin};
 
 /// `-ln(rand)` exceeds this with probability e^-12 (about 6 in a million), so
 /// entries further than `delta * beta * CUTOFF` from expiry skip the random
@@ -66,6 +66,7 @@ impl TieredCache {
         loader: L,
         leader: Leader,
         fallback: Option<Arc<L1Entry>>,
+        claim: Claim,
     ) -> Outcome<V, E>
     where
         V: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -77,7 +78,7 @@ impl TieredCache {
         let opts = options.resolve(&self.inner.defaults);
         let Some(stale) = fallback else {
             return self
-                .run_load::<V, C, E, _>(key, opts, loader, leader, None)
+                .run_load::<V, C, E, _>(key, opts, loader, leader, None, claim)
                 .await;
         };
         self.inner.tiers.stats.stale_refreshes.incr();
@@ -87,7 +88,14 @@ impl TieredCache {
                 // A borrowed loader refreshes in this caller's task; a
                 // failure still serves the stale value (fail-safe).
                 return match self
-                    .run_load::<V, C, E, _>(key, opts, scoped, leader, Some(Arc::clone(&stale)))
+                    .run_load::<V, C, E, _>(
+                        key,
+                        opts,
+                        scoped,
+                        leader,
+                        Some(Arc::clone(&stale)),
+                        claim,
+                    )
                     .await
                 {
                     Ok(value) => Ok(value),
@@ -100,7 +108,7 @@ impl TieredCache {
         let (key, bg_stale) = (key.to_owned(), Arc::clone(&stale));
         tokio::spawn(async move {
             let _ = this
-                .run_load::<V, C, E, _>(&key, opts, loader, leader, Some(bg_stale))
+                .run_load::<V, C, E, _>(&key, opts, loader, leader, Some(bg_stale), claim)
                 .await;
         });
         match self
@@ -140,9 +148,21 @@ impl TieredCache {
                     Arc::clone(entry),
                 );
                 tokio::spawn(async move {
-                    let _ = this
-                        .run_load::<V, C, E, _>(&key, opts, detached, leader, Some(stale))
-                        .await;
+                    match this.fresher_in_l2::<V, C>(&key, &stale).await {
+                        Ok(value) => leader.finish::<Outcome<V, E>>(Ok(Some(value))),
+                        Err(claim) => {
+                            let _ = this
+                                .run_load::<V, C, E, _>(
+                                    &key,
+                                    opts,
+                                    detached,
+                                    leader,
+                                    Some(stale),
+                                    claim,
+                                )
+                                .await;
+                        }
+                    }
                 });
                 None
             }
@@ -174,13 +194,44 @@ impl TieredCache {
             return Ok(hit);
         };
         self.inner.tiers.stats.early_refreshes.incr();
+        let claim = match self.fresher_in_l2::<V, C>(key, &entry).await {
+            Ok(value) => {
+                leader.finish::<Outcome<V, E>>(Ok(Some(Arc::clone(&value))));
+                return Ok(Some(value));
+            }
+            Err(claim) => claim,
+        };
         let opts = options.resolve(&self.inner.defaults);
         match self
-            .run_load::<V, C, E, L>(key, opts, loader, leader, Some(entry))
+            .run_load::<V, C, E, L>(key, opts, loader, leader, Some(entry), claim)
             .await
         {
             Ok(Some(value)) => Ok(Some(value)),
             _ => Ok(hit),
+        }
+    }
+
+    /// Before an early refresh calls its loader: another instance may have
+    /// refreshed the entry already (N replicas would otherwise load a hot
+    /// key N times per TTL). A fresher entry in Redis is promoted and its
+    /// value returned; otherwise the load's claim.
+    async fn fresher_in_l2<V, C>(&self, key: &str, cached: &L1Entry) -> Result<Arc<V>, Claim>
+    where
+        V: DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+    {
+        let (found, claim) = self.inner.tiers.read_claimed::<V, C>(key).await;
+        match found {
+            Some(entry)
+                if entry.is_fresh(Instant::now())
+                    && entry.meta.expires_ms > cached.meta.expires_ms =>
+            {
+                match typed::<V>(&entry) {
+                    Some(Some(value)) => Ok(value),
+                    _ => Err(claim),
+                }
+            }
+            _ => Err(claim),
         }
     }
 
@@ -263,6 +314,7 @@ impl TieredCache {
         loader: L,
         leader: Leader,
         stale: Option<Arc<L1Entry>>,
+        claim: Claim,
     ) -> Outcome<V, E>
     where
         V: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -287,6 +339,7 @@ impl TieredCache {
             None => Ok(loader.load().await),
         };
         let took = started.elapsed();
+        let origin = Origin::Load(claim);
         let outcome: Outcome<V, E> = match loaded {
             Ok(Ok(Some(value))) => {
                 let typed_value = Some(&*value);
@@ -295,7 +348,16 @@ impl TieredCache {
                 let _ = self
                     .inner
                     .tiers
-                    .store::<V, C>(key, typed_value, Some(&erased), &opts, stamps, took, ttl)
+                    .store::<V, C>(
+                        key,
+                        typed_value,
+                        Some(&erased),
+                        &opts,
+                        stamps,
+                        took,
+                        ttl,
+                        origin,
+                    )
                     .await;
                 Ok(Some(value))
             }
@@ -304,7 +366,7 @@ impl TieredCache {
                     let _ = self
                         .inner
                         .tiers
-                        .store::<V, C>(key, None, None, &opts, stamps, took, ttl)
+                        .store::<V, C>(key, None, None, &opts, stamps, took, ttl, origin)
                         .await;
                 }
                 Ok(None)

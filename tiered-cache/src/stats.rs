@@ -93,6 +93,10 @@ stats! {
     l2_errors,
     /// Redis commands not sent because Redis failed moments ago.
     l2_skipped,
+    /// Loaded values not stored because the key was written or invalidated
+    /// (here or on another instance) after the load began: the newer write
+    /// stays (compare-and-set).
+    stale_writes_refused,
     /// Values not written to Redis because they exceeded the size limit.
     oversized_skips,
     /// Entries dropped because one of their tags was invalidated after they were written.

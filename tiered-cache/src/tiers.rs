@@ -12,10 +12,44 @@ use crate::codec::Codec;
 use crate::entry::{self, Meta};
 use crate::error::Error;
 use crate::l1::{AnyValue, L1Entry, Ticket, L1};
-use crate::l2::{L2Fault, L2};
+use crate::l2::{L2Fault, Versioned, Write, L2};
 use crate::options::Resolved;
 use crate::stats::Stats;
 use crate::tags::TagVersions;
+
+/// Who writes an entry, for [`Tiers::store`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Origin {
+    /// The application (`set`): replaces whatever is there.
+    Write,
+    /// A load, with what it saw before it called the loader.
+    Load(Claim),
+}
+
+/// Taken before a load calls its loader: L1's drop counts for the key, and
+/// the entry's version in Redis. The load's result is stored only where
+/// neither changed since, so a load that began before a write or an
+/// invalidation (here or on another instance) never undoes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Claim {
+    l1: Ticket,
+    /// `None`: no Redis, or it did not answer; the result then stays out of it.
+    l2: Option<u64>,
+}
+
+/// What the Redis half of a store did.
+enum L2Store {
+    Stored(u64),
+    /// A newer write won.
+    Refused,
+    /// Not written: no Redis, Redis failed, too large, or no claim on it.
+    Skipped,
+}
+
+/// Whole milliseconds, saturating.
+fn whole_millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
 
 /// Both tiers of one cache, and what judging their entries needs.
 #[derive(Debug)]
@@ -38,14 +72,19 @@ impl Tiers {
         // back would undo that (the ticket covers a drop after this look).
         let ticket = l1.ticket(key);
         match l1.get(key).await {
-            Some(current) if current.meta.version == stale.meta.version => {}
+            // The same stored entry (a promotion of it from Redis included).
+            Some(current) if current.meta == stale.meta => {}
             _ => return,
         }
         let retry = l1.failsafe_copy(stale, Instant::now() + delay);
         l1.insert_since(key, retry, ticket).await;
     }
 
-    /// Writes an entry to both tiers. `value` is `None` for a negative entry.
+    /// Writes an entry to both tiers, Redis first. `value` is `None` for a
+    /// negative entry. A load's result (`Origin::Load`) is stored only where
+    /// the key was not written or dropped since its claim: in Redis by
+    /// compare-and-set on the entry's version, in L1 by its drop ticket. An
+    /// application's write (`Origin::Write`) replaces what is there.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn store<V, C>(
         &self,
@@ -56,6 +95,7 @@ impl Tiers {
         tags: Arc<[entry::TagStamp]>,
         load_time: Duration,
         ttl: Duration,
+        origin: Origin,
     ) -> Result<(), Error>
     where
         V: Serialize + Send + Sync + 'static,
@@ -67,13 +107,14 @@ impl Tiers {
         } else {
             Duration::ZERO
         };
+        let keep = ttl.saturating_add(stale);
         let now_ms = entry::now_ms();
-        let meta = Meta {
+        let mut meta = Meta {
             created_ms: now_ms,
-            expires_ms: now_ms + ttl.as_millis() as u64,
-            stale_until_ms: now_ms + (ttl + stale).as_millis() as u64,
+            expires_ms: now_ms.saturating_add(whole_millis(ttl)),
+            stale_until_ms: now_ms.saturating_add(whole_millis(keep)),
             load_micros: load_time.as_micros().min(u128::from(u32::MAX)) as u32,
-            version: now_ms,
+            version: 0,
             tags,
         };
         let mut bytes = entry::encode_header(&meta, C::ID, value.is_none(), 64);
@@ -82,28 +123,155 @@ impl Tiers {
             C::encode(v, &mut bytes)?;
         }
         let size = bytes.len() - header_len;
-        if let Some(l1) = &self.l1 {
-            // A tag bumped (or the namespace cleared) since the stamps were
-            // taken, before the load, makes the entry stale already: L1 must
-            // not serve it. The ticket covers a bump racing this check.
-            let ticket = l1.ticket(key);
-            let l2 = self.l2.as_ref();
-            if self.tags.is_current(&meta.tags, l2).await {
-                let entry = l1.entry(key, erased.cloned(), meta, ttl, ttl + stale, size);
-                l1.insert_since(key, entry, ticket).await;
+        match self.store_l2(key, &bytes, keep, origin).await {
+            L2Store::Refused => {
+                self.stats.stale_writes_refused.incr();
+                return Ok(());
             }
+            L2Store::Stored(version) => meta.version = version,
+            L2Store::Skipped => {}
         }
-        if let Some(l2) = &self.l2 {
-            if bytes.len() > self.max_value_bytes {
-                self.stats.oversized_skips.incr();
-                // The older value in Redis must not outlive this newer one.
-                let _ = l2.del(&[key]).await;
-            } else {
-                // Failures are counted and logged by the L2 tier.
-                let _ = l2.set(key, &bytes, ttl + stale).await;
+        let Some(l1) = &self.l1 else { return Ok(()) };
+        // A tag bumped (or the namespace cleared) since the stamps were
+        // taken, before the load, makes the entry stale already: L1 must
+        // not serve it. (A bump racing this check is caught by the load's
+        // ticket, or by the floors on the entry's first hit.)
+        if !self.tags.is_current(&meta.tags, self.l2.as_ref()).await {
+            return Ok(());
+        }
+        let entry = l1.entry(key, erased.cloned(), meta, ttl, keep, size);
+        match origin {
+            Origin::Load(claim) => {
+                l1.insert_since(key, entry, claim.l1).await;
             }
+            Origin::Write => l1.replace(key, entry).await,
         }
         Ok(())
+    }
+
+    /// The Redis half of [`Tiers::store`].
+    async fn store_l2(&self, key: &str, bytes: &[u8], keep: Duration, origin: Origin) -> L2Store {
+        let Some(l2) = &self.l2 else {
+            return L2Store::Skipped;
+        };
+        let write = match origin {
+            Origin::Write => Write::Always,
+            Origin::Load(Claim { l2: Some(seen), .. }) => Write::IfVersion(seen),
+            // Redis did not answer before the load: what it holds is unknown,
+            // so the load's value stays out of it.
+            Origin::Load(Claim { l2: None, .. }) => return L2Store::Skipped,
+        };
+        if bytes.len() > self.max_value_bytes {
+            self.stats.oversized_skips.incr();
+            // The older value in Redis must not outlive this newer one.
+            let _ = l2.invalidate(key).await;
+            return L2Store::Skipped;
+        }
+        match l2.store(key, bytes, keep, write, entry::VERSION_AT).await {
+            Ok(Some(version)) => L2Store::Stored(version),
+            Ok(None) => L2Store::Refused,
+            // Counted and logged by the L2 tier; L1 still gets the value.
+            Err(_) => L2Store::Skipped,
+        }
+    }
+
+    /// Removes `key` from Redis (advancing its version, so loads that began
+    /// before lose), then from L1: a local reader that misses L1 in between
+    /// finds nothing in Redis to bring back.
+    pub(crate) async fn invalidate(&self, key: &str) -> Result<(), Error> {
+        let deleted = match &self.l2 {
+            Some(l2) => l2
+                .invalidate(key)
+                .await
+                .map(drop)
+                .map_err(L2Fault::into_error),
+            None => Ok(()),
+        };
+        if let Some(l1) = &self.l1 {
+            l1.invalidate(key).await;
+        }
+        deleted
+    }
+
+    /// Reads `key` from Redis for a load: promotes what is there (like
+    /// [`Tiers::read_l2`]) and takes the load's [`Claim`] first.
+    pub(crate) async fn read_claimed<V, C>(&self, key: &str) -> (Option<Arc<L1Entry>>, Claim)
+    where
+        V: DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+    {
+        let ticket = self.ticket(key);
+        let unclaimed = Claim {
+            l1: ticket,
+            l2: None,
+        };
+        let Some(l2) = &self.l2 else {
+            return (None, unclaimed);
+        };
+        let mut read = l2.get_versioned(key).await;
+        if let Err(L2Fault::WrongType) = read {
+            // Deleted as a bad entry; the load may then take its place.
+            self.bad_entry(key, "holds another Redis type").await;
+            read = l2.get_versioned(key).await;
+        }
+        let Ok(found) = read else {
+            return (None, unclaimed); // counted and logged by the L2 tier
+        };
+        let claim = Claim {
+            l1: ticket,
+            l2: Some(found.version),
+        };
+        let entry = match found.bytes {
+            Some(bytes) => {
+                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket)
+                    .await
+            }
+            None => None,
+        };
+        (entry, claim)
+    }
+
+    /// Reads many keys from Redis in one MGET and promotes what is there,
+    /// as [`Tiers::read_l2`] does one. With `claims`, each key's claim for a
+    /// load comes too (as [`Tiers::read_claimed`]; the MGET reads each
+    /// entry's version beside it); without, the claims name no version.
+    pub(crate) async fn read_many<V, C>(
+        &self,
+        keys: &[&str],
+        claims: bool,
+    ) -> Vec<(Option<Arc<L1Entry>>, Claim)>
+    where
+        V: DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+    {
+        let tickets: Vec<Ticket> = keys.iter().map(|key| self.ticket(key)).collect();
+        let found: Vec<Versioned> = match &self.l2 {
+            Some(_) if keys.is_empty() => Vec::new(),
+            Some(l2) if claims => l2.mget_versioned(keys).await.unwrap_or_default(),
+            Some(l2) => l2
+                .mget(keys)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|bytes| Versioned { bytes, version: 0 })
+                .collect(),
+            None => Vec::new(),
+        };
+        let now_ms = entry::now_ms();
+        let mut out = Vec::with_capacity(keys.len());
+        for (n, key) in keys.iter().enumerate() {
+            let read = found.get(n);
+            let claim = Claim {
+                l1: tickets[n],
+                l2: read.filter(|_| claims).map(|r| r.version),
+            };
+            let entry = match read.and_then(|r| r.bytes.as_deref()) {
+                Some(bytes) => self.accept_l2::<V, C>(key, bytes, now_ms, tickets[n]).await,
+                None => None,
+            };
+            out.push((entry, claim));
+        }
+        out
     }
 
     /// Notes L1's drops before a Redis read, so its promotion cannot undo one.

@@ -596,16 +596,21 @@ async fn receivers_send_redis_nothing_and_nobody_scans() {
         1,
         "only the sender deletes"
     );
-    // The sender's two counter bumps (the tag, the namespace epoch) are
-    // scripts that read their counter once each; nobody else reads.
+    // The sender's three scripts (the key's delete and version bump, the
+    // tag's bump, the namespace epoch's bump) read their counter once each
+    // and the key's script writes its version; nobody else reads or writes.
     let scripts = command_calls(&server, "evalsha") + command_calls(&server, "eval");
-    assert_eq!(scripts, 2, "one bump per invalidate_tag / clear");
+    assert_eq!(
+        scripts, 3,
+        "one script per invalidate / invalidate_tag / clear"
+    );
     assert_eq!(
         command_calls(&server, "get"),
         scripts,
-        "only the bump scripts read"
+        "only the sender's scripts read"
     );
-    for command in ["del", "mget", "set", "scan", "keys"] {
+    assert_eq!(command_calls(&server, "set"), 1, "the key's new version");
+    for command in ["del", "mget", "scan", "keys"] {
         assert_eq!(
             command_calls(&server, command),
             0,

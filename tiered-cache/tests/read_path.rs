@@ -1054,15 +1054,21 @@ async fn get_many_or_load_reads_l1_then_one_mget_then_loads_the_rest_at_once() {
         1,
         "one round trip for the 70 L1 misses"
     );
+    // The only GETs are the store scripts' reads of each entry's version.
     assert_eq!(
         command_calls(&server, "get"),
-        0,
+        command_calls(&server, "eval"),
         "the loads do not ask Redis again"
     );
     assert_eq!(
-        command_calls(&server, "set"),
+        command_calls(&server, "eval"),
         20,
-        "each loaded value is stored"
+        "each loaded value is stored, by one compare-and-set script"
+    );
+    assert_eq!(
+        command_calls(&server, "set"),
+        40,
+        "each script writes the value and its version"
     );
     let after = cache.stats();
     assert_eq!(after.l1_hits - before.l1_hits, 30);

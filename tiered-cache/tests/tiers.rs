@@ -230,7 +230,8 @@ async fn l1_max_bytes_zero_turns_l1_off() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     assert_eq!(cache.stats().l2_hits, 8);
-    assert_eq!(command_calls(&server, "get"), 8);
+    // A load's read also reads the entry's version (the same round trip).
+    assert_eq!(command_calls(&server, "get"), 5 + 3 * 2);
 }
 
 #[tokio::test]
@@ -393,10 +394,14 @@ async fn the_namespace_prefixes_every_redis_key() {
     keys.sort();
     assert_eq!(
         keys,
+        // Each entry and its version counter.
         vec![
             "billing:{product:v1:1}".to_owned(),
+            "billing:{product:v1:1}#v".to_owned(),
             "orders:{product:v1:1}".to_owned(),
+            "orders:{product:v1:1}#v".to_owned(),
             "orders:{product:v1:2}".to_owned(),
+            "orders:{product:v1:2}#v".to_owned(),
         ]
     );
     // Same key, different namespaces: different entries.
@@ -464,12 +469,14 @@ async fn a_redis_key_carries_its_entry_hash_tag() {
         .set(&k, product(1), &EntryOptions::mins(5))
         .await
         .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
+    let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
         .query(&mut conn(&server))
         .unwrap();
-    assert_eq!(keys.len(), 1);
+    keys.sort();
+    assert_eq!(keys.len(), 2, "the entry and its version: {keys:?}");
     let stored = &keys[0];
+    assert_eq!(keys[1], format!("{stored}#v"));
     assert_eq!(stored, &format!("t:{}", k.as_str()));
     let open = stored.find('{').unwrap();
     let close = open + stored[open..].find('}').unwrap();
@@ -485,6 +492,7 @@ async fn a_redis_key_carries_its_entry_hash_tag() {
     let tag = &stored[open + 1..close];
     let slot = keyslot(stored);
     assert_eq!(slot, keyslot(tag));
+    assert_eq!(slot, keyslot(&keys[1]), "the version counter");
     assert_eq!(slot, keyslot(&format!("{stored}:lock")));
     assert_eq!(slot, keyslot(&format!("other:{}:meta", k.as_str())));
 }

@@ -224,7 +224,7 @@ impl L2 {
         }
         let outcome = match tokio::time::timeout(self.timeout, send(self.conn.clone())).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if e.code() == Some("WRONGTYPE") => return Err(L2Fault::WrongType),
+            Ok(Err(e)) if is_wrong_type(&e) => return Err(L2Fault::WrongType),
             Ok(Err(e)) => Err(L2Fault::Redis(e)),
             Err(_) => Err(L2Fault::Timeout),
         };
@@ -281,19 +281,6 @@ impl L2 {
         self.run(&cmd).await
     }
 
-    /// SET with a millisecond TTL (at least 1 ms, so sub-second TTLs work).
-    pub(crate) async fn set(&self, body: &str, bytes: &[u8], ttl: Duration) -> Result<(), L2Fault> {
-        let ms = ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
-        self.run::<()>(
-            redis::cmd("SET")
-                .arg(self.key(body))
-                .arg(bytes)
-                .arg("PX")
-                .arg(ms),
-        )
-        .await
-    }
-
     /// The values of counters (tag versions); a missing counter is 0. One MGET.
     pub(crate) async fn tag_versions(&self, bodies: &[String]) -> Result<Vec<u64>, L2Fault> {
         let mut cmd = redis::cmd("MGET");
@@ -320,6 +307,105 @@ impl L2 {
             .await
     }
 
+    /// The Redis key of an entry's version counter: the entry's key with a
+    /// suffix after its hash tag, so both live in one Cluster slot.
+    fn version_key(&self, body: &str) -> String {
+        let mut k = self.key(body);
+        k.push_str("#v");
+        k
+    }
+
+    /// An entry and, read just before it, the version a write must still
+    /// find to replace it (0: never written). One round trip.
+    pub(crate) async fn get_versioned(&self, body: &str) -> Result<Versioned, L2Fault> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.version_key(body));
+        pipe.cmd("GET").arg(self.key(body));
+        let (version, bytes): (Option<Vec<u8>>, Option<Vec<u8>>) = self.run_pipe(&pipe).await?;
+        Ok(Versioned {
+            bytes,
+            version: parse_version(version.as_deref()),
+        })
+    }
+
+    /// [`get_versioned`](Self::get_versioned) for many entries: one MGET.
+    /// Keys holding another type read as `None`.
+    pub(crate) async fn mget_versioned(&self, bodies: &[&str]) -> Result<Vec<Versioned>, L2Fault> {
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for body in bodies {
+            cmd.arg(self.version_key(body)).arg(self.key(body));
+        }
+        let replies: Vec<Option<Vec<u8>>> = self.run(&cmd).await?;
+        if replies.len() != bodies.len() * 2 {
+            return Err(L2Fault::Malformed);
+        }
+        let mut replies = replies.into_iter();
+        let mut out = Vec::with_capacity(bodies.len());
+        while let (Some(version), Some(bytes)) = (replies.next(), replies.next()) {
+            out.push(Versioned {
+                bytes,
+                version: parse_version(version.as_deref()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes an entry (`scripts/store.lua`): always, or only if its version
+    /// is still `seen` (nobody wrote or invalidated it since). The script
+    /// gives the entry a new version, greater than every earlier one, and
+    /// writes it into the envelope at `version_at`. Returns that version, or
+    /// `None` when a newer write won.
+    pub(crate) async fn store(
+        &self,
+        body: &str,
+        envelope: &[u8],
+        ttl: Duration,
+        write: Write,
+        version_at: usize,
+    ) -> Result<Option<u64>, L2Fault> {
+        let ttl = millis(ttl);
+        let keep = ttl.saturating_add(millis(VERSION_KEEP)).to_string();
+        let seen = match write {
+            Write::Always => String::new(),
+            Write::IfVersion(seen) => seen.to_string(),
+        };
+        let (ttl, at) = (ttl.to_string(), version_at.to_string());
+        let keys = [self.key(body), self.version_key(body)];
+        let args: [&[u8]; 5] = [
+            envelope,
+            ttl.as_bytes(),
+            keep.as_bytes(),
+            seen.as_bytes(),
+            at.as_bytes(),
+        ];
+        let version: u64 = self
+            .run_script(include_str!("scripts/store.lua"), &keys, &args)
+            .await?;
+        Ok((version > 0).then_some(version))
+    }
+
+    /// Deletes an entry and advances its version (`scripts/invalidate.lua`),
+    /// so that no load that began before can store its value.
+    pub(crate) async fn invalidate(&self, body: &str) -> Result<u64, L2Fault> {
+        let keep = millis(VERSION_KEEP).to_string();
+        let keys = [self.key(body), self.version_key(body)];
+        self.run_script(
+            include_str!("scripts/invalidate.lua"),
+            &keys,
+            &[keep.as_bytes()],
+        )
+        .await
+    }
+
+    /// Runs one pipeline under the timeout, counting and logging failures.
+    async fn run_pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, L2Fault> {
+        self.guarded(|mut conn| async move { pipe.query_async::<T>(&mut conn).await })
+            .await
+    }
+
     /// UNLINK (non-blocking delete) of entries.
     pub(crate) async fn del(&self, bodies: &[&str]) -> Result<(), L2Fault> {
         if bodies.is_empty() {
@@ -331,6 +417,53 @@ impl L2 {
         }
         self.run::<()>(&cmd).await
     }
+}
+
+/// How [`L2::store`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Write {
+    /// Whatever is there (an application's `set`).
+    Always,
+    /// Only if the entry's version is still this one (a load's result).
+    IfVersion(u64),
+}
+
+/// An entry as read with its version; see [`L2::get_versioned`].
+#[derive(Debug)]
+pub(crate) struct Versioned {
+    pub(crate) bytes: Option<Vec<u8>>,
+    /// The version a conditional write must find; 0 if never written.
+    pub(crate) version: u64,
+}
+
+/// How long an entry's version counter outlives the entry (and how long an
+/// invalidation's counter lives at least): a load that began before a write
+/// and ends within this still finds the newer version and loses.
+const VERSION_KEEP: Duration = Duration::from_secs(300);
+
+/// A duration in whole milliseconds, at least 1 (sub-second TTLs work; PX 0
+/// is an error), saturating.
+fn millis(d: Duration) -> u64 {
+    d.as_millis().clamp(1, u128::from(u64::MAX)) as u64
+}
+
+/// A version counter's value; anything unreadable counts as never written
+/// (the store script reads it the same way).
+fn parse_version(bytes: Option<&[u8]>) -> u64 {
+    bytes
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether Redis answered WRONGTYPE, to a command or inside a pipeline (a
+/// pipeline's error has no code of its own: it lists its commands' errors).
+fn is_wrong_type(e: &RedisError) -> bool {
+    const CODE: &str = "WRONGTYPE";
+    e.code() == Some(CODE)
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == CODE))
 }
 
 fn describe(fault: &L2Fault) -> String {
