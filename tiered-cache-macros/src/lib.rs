@@ -3,8 +3,9 @@
 //! examples live.
 //!
 //! Layout (after tokio-macros and tracing-attributes): this file holds the
-//! entry point, `args` parses the attribute, `expand` checks the function
-//! against it and generates the code. Generated code calls only
+//! entry point; `args` parses the attribute, `check` checks the function
+//! against it and makes a plan, `expand` generates the code from the plan,
+//! and `diag` gathers the errors. Generated code calls only
 //! `::tiered_cache::__private::…` (or the path given with `crate = ..`).
 //!
 //! The examples in `cached.md` need the runtime crate, so they run as
@@ -13,6 +14,8 @@
 use proc_macro::TokenStream;
 
 mod args;
+mod check;
+mod diag;
 mod expand;
 
 #[doc = include_str!("cached.md")]
