@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::l1::L1;
-use crate::l2::{Health, Messages, L2};
+use crate::l2::{Health, L2Fault, Messages, L2};
 use crate::stats::Stats;
 use crate::tags::TagVersions;
 
@@ -156,15 +156,27 @@ async fn publish_loop(mut rx: mpsc::UnboundedReceiver<Event>, l2: L2, channel: S
     let mut backoff = Backoff::default();
     let mut closed = false;
     let mut final_attempts = 0;
+    let mut refused_logged = false;
     loop {
         if batch.is_empty() && (closed || rx.recv_many(&mut batch, MAX_BATCH).await == 0) {
             return;
         }
         let (payload, events) = encode(id, std::mem::take(&mut batch));
-        let sent = l2.publish(&channel, &payload).await;
-        if sent.is_ok() {
-            backoff.reset();
-            continue;
+        match l2.publish(&channel, &payload).await {
+            Ok(()) => {
+                backoff.reset();
+                continue;
+            }
+            Err(L2Fault::Rejected(_)) => {
+                // Refused (an ACL without channel rights): retrying will not
+                // help, and nothing else about Redis is wrong.
+                if !refused_logged {
+                    refused_logged = true;
+                    log_refused_publish(&channel);
+                }
+                continue;
+            }
+            Err(_) => {}
         }
         // Not sent (counted and logged by the L2 tier): keep it, add what
         // queued meanwhile, and collapse into one `Flush` when too much piles up.
@@ -337,6 +349,13 @@ impl Local {
             }
         }
     }
+}
+
+fn log_refused_publish(channel: &str) {
+    tracing::warn!(
+        channel,
+        "Redis refused PUBLISH on the backplane channel (an ACL user without channel rights?): other instances do not hear of this one's writes and invalidations, and serve their L1 copies up to l1_ttl_cap; grant the channel or set l1_ttl_cap (logged once)"
+    );
 }
 
 fn log_undecodable() {

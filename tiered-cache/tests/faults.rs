@@ -260,3 +260,74 @@ async fn a_password_in_the_url_never_shows() {
     let text = error_chain_text(&err);
     assert!(!text.contains("secret"), "error: {text}");
 }
+
+/// An ACL user without pub/sub rights (Redis 7's default for new users)
+/// gets NOPERM on every PUBLISH. That is about PUBLISH, not about Redis:
+/// every data command still goes to Redis, nothing is skipped, and the
+/// backplane is degraded (as with `backplane(false)`), not the tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_publish_is_not_an_outage() {
+    let server =
+        RedisServer::start_with(&["--user", "app", "on", ">pw", "~*", "resetchannels", "+@all"])
+            .expect("redis-server");
+    let url = format!("redis://app:pw@127.0.0.1:{}", server.port());
+    let cache = TieredCache::builder()
+        .namespace("t")
+        .redis(url.as_str())
+        .l1_max_bytes(0) // every read goes to Redis
+        .build()
+        .await
+        .expect("build");
+    for id in 0..100 {
+        cache
+            .set(&key(id), product(id), &opts())
+            .await
+            .expect("set"); // publishes
+        let got = cache.get(&key(id)).await;
+        assert_eq!(
+            got.as_deref(),
+            Some(&product(id)),
+            "read {id} went to Redis"
+        );
+    }
+    let s = cache.stats();
+    assert_eq!(s.l2_hits, 100, "{s:?}");
+    assert_eq!(s.l2_skipped, 0, "no command was skipped: {s:?}");
+    assert!(s.l2_errors >= 1, "the refusals are counted: {s:?}");
+}
+
+/// Other error replies are about their command too: with `maxmemory` full
+/// and `noeviction`, writes are refused (OOM) while reads go on, every one
+/// of them sent to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_writes_do_not_stop_reads() {
+    let server = server();
+    let cache = TieredCache::builder()
+        .namespace("t")
+        .redis(server.url())
+        .l1_max_bytes(0)
+        .build()
+        .await
+        .expect("build");
+    cache.set(&key(1), product(1), &opts()).await.expect("set");
+    let mut c = server.connection().expect("connection");
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query::<()>(&mut c)
+            .expect("CONFIG SET");
+    }
+    for id in 2..22 {
+        cache
+            .set(&key(id), product(id), &opts())
+            .await
+            .expect("a refused write is not an error");
+        assert_eq!(cache.get(&key(1)).await.as_deref(), Some(&product(1)));
+    }
+    let s = cache.stats();
+    assert_eq!(s.l2_hits, 20, "{s:?}");
+    assert_eq!(s.l2_skipped, 0, "{s:?}");
+    assert!(s.l2_errors >= 20, "each refused write is counted: {s:?}");
+}

@@ -170,3 +170,53 @@ async fn redis_trouble_is_logged_once_per_incident_without_secrets_or_values() {
         assert!(!line.contains(VALUE_MARK), "a value was logged: {line}");
     }
 }
+
+/// An ACL user without channel rights: every PUBLISH is refused. That is
+/// said once, as a degraded backplane, and never as Redis failing.
+#[tokio::test]
+async fn a_refused_publish_is_logged_once_and_is_not_an_outage() {
+    let lines = Lines::default();
+    let _capture = tracing::subscriber::set_default(lines.clone());
+    let server = RedisServer::start_with(&[
+        "--user",
+        "app",
+        "on",
+        &format!(">{PASSWORD}"),
+        "~*",
+        "resetchannels",
+        "+@all",
+    ])
+    .expect("redis-server");
+    let url = format!("redis://app:{PASSWORD}@127.0.0.1:{}", server.port());
+    let cache = TieredCache::builder()
+        .namespace("logs")
+        .redis(url.as_str())
+        .build()
+        .await
+        .expect("build");
+    for id in 0..20 {
+        cache
+            .set(&key(id), marked(id), &EntryOptions::mins(5))
+            .await
+            .expect("set");
+        tokio::time::sleep(Duration::from_millis(5)).await; // each set its own PUBLISH
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lines.containing("refused PUBLISH") == 0 {
+        assert!(Instant::now() < deadline, "{:#?}", lines.all());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cache.stats().l2_errors >= 10, "{:?}", cache.stats());
+    assert_eq!(lines.containing("refused PUBLISH"), 1, "{:#?}", lines.all());
+    assert_eq!(
+        lines.containing("Redis refused a command"),
+        1,
+        "{:#?}",
+        lines.all()
+    );
+    assert_eq!(lines.containing(REDIS_FAILED), 0, "{:#?}", lines.all());
+    for line in lines.all() {
+        assert!(!line.contains(PASSWORD), "a password was logged: {line}");
+        assert!(!line.contains(VALUE_MARK), "a value was logged: {line}");
+    }
+}

@@ -28,7 +28,12 @@ pub(crate) enum L2Fault {
     WrongType,
     /// No answer within the configured timeout.
     Timeout,
-    /// Redis or the connection failed.
+    /// Redis answered this command with an error (`NOPERM`, `OOM`,
+    /// `READONLY`, a script error): about this command, not about Redis,
+    /// so other commands go on.
+    Rejected(RedisError),
+    /// The connection failed, or Redis said it cannot serve (`LOADING`,
+    /// `BUSY`, `MASTERDOWN`, `CLUSTERDOWN`).
     Redis(RedisError),
     /// Not tried: Redis failed moments ago and is given a short rest.
     Resting,
@@ -55,6 +60,14 @@ impl L2Fault {
             L2Fault::Redis(e) => Error::new(
                 ErrorKind::L2,
                 "a Redis command failed; the cache keeps serving from L1 and the loader",
+            )
+            .with_source(e),
+            L2Fault::Rejected(e) => Error::new(
+                ErrorKind::L2,
+                format!(
+                    "Redis refused a command ({}); check the ACL user's rights, maxmemory, or whether this is a replica",
+                    e.code().unwrap_or("error")
+                ),
             )
             .with_source(e),
         }
@@ -120,11 +133,14 @@ pub(crate) struct L2 {
     failing: Arc<AtomicBool>,
     /// Until then (Unix ms), commands are not sent: Redis just failed.
     resting_until_ms: Arc<AtomicU64>,
+    rejections: Arc<Rejections>,
 }
 
 /// After a failure, how long commands skip Redis before one is tried again.
 /// It keeps a down Redis from costing every request a timeout; the circuit
 /// breaker (a later addition) will refine it.
+/// An error reply (NOPERM on PUBLISH, OOM on a write) is about one command
+/// and rests nothing.
 const REST_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
 impl std::fmt::Debug for L2 {
@@ -167,6 +183,7 @@ impl L2 {
             stats,
             failing: Arc::new(AtomicBool::new(false)),
             resting_until_ms: Arc::new(AtomicU64::new(0)),
+            rejections: Arc::default(),
         })
     }
 
@@ -225,6 +242,7 @@ impl L2 {
         let outcome = match tokio::time::timeout(self.timeout, send(self.conn.clone())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_wrong_type(&e) => return Err(L2Fault::WrongType),
+            Ok(Err(e)) if is_about_the_command(&e) => Err(L2Fault::Rejected(e)),
             Ok(Err(e)) => Err(L2Fault::Redis(e)),
             Err(_) => Err(L2Fault::Timeout),
         };
@@ -239,6 +257,18 @@ impl L2 {
                     && self.failing.swap(false, Ordering::Relaxed)
                 {
                     tracing::info!(namespace = %self.namespace, "Redis answers again; the L2 tier is back in use");
+                }
+            }
+            Err(L2Fault::Rejected(e)) => {
+                // Redis is well: it answered. Count it, log each kind once.
+                self.stats.l2_errors.incr();
+                let code = e.code().unwrap_or("error");
+                if self.rejections.first_time(code) {
+                    tracing::warn!(
+                        namespace = %self.namespace,
+                        code,
+                        "Redis refused a command; the cache goes on without that command's effect (logged once per error code)"
+                    );
                 }
             }
             Err(fault) => {
@@ -456,6 +486,41 @@ fn parse_version(bytes: Option<&[u8]>) -> u64 {
         .unwrap_or(0)
 }
 
+/// Error replies that say Redis cannot serve at all, not that it refused
+/// this one command.
+const UNWELL: [&str; 5] = ["LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN"];
+
+/// Whether `e` is Redis's answer about this command (an error reply), as
+/// opposed to a connection failure or a server that cannot serve.
+fn is_about_the_command(e: &RedisError) -> bool {
+    let codes: Vec<String> = match e.clone().into_server_errors() {
+        Some(errors) => errors
+            .iter()
+            .map(|(_, error)| error.code().to_owned())
+            .collect(),
+        None => e.code().map(str::to_owned).into_iter().collect(),
+    };
+    !codes.is_empty() && codes.iter().all(|code| !UNWELL.contains(&code.as_str()))
+}
+
+/// Error codes already logged, so that each is logged once per cache.
+#[derive(Debug, Default)]
+struct Rejections(std::sync::Mutex<Vec<String>>);
+
+impl Rejections {
+    fn first_time(&self, code: &str) -> bool {
+        let mut seen = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.iter().any(|c| c == code) {
+            return false;
+        }
+        seen.push(code.to_owned());
+        true
+    }
+}
+
 /// Whether Redis answered WRONGTYPE, to a command or inside a pipeline (a
 /// pipeline's error has no code of its own: it lists its commands' errors).
 fn is_wrong_type(e: &RedisError) -> bool {
@@ -472,6 +537,7 @@ fn describe(fault: &L2Fault) -> String {
         L2Fault::Timeout => "timeout".to_owned(),
         L2Fault::Resting => "resting".to_owned(),
         L2Fault::Malformed => "unexpected reply".to_owned(),
+        L2Fault::Rejected(e) => e.code().unwrap_or("error reply").to_owned(),
         L2Fault::Redis(e) => {
             // Never the error's own text: a connection error may quote the URL.
             let what = if e.is_connection_refusal() {
