@@ -621,3 +621,48 @@ async fn receivers_send_redis_nothing_and_nobody_scans() {
         assert!(b.get(&key).await.is_none(), "the entry is gone everywhere");
     }
 }
+
+/// Two services on `/0` and `/1` of one Redis, same (default) namespace:
+/// pub/sub channels are server-wide, so the database must be part of the
+/// channel, or one's `clear()` and tag bumps reach the other's L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caches_on_two_databases_of_one_redis_never_touch_each_other() {
+    let _quiet = QUIET.read().await;
+    let server = server();
+    let on_db = |db: u32| {
+        TieredCache::builder()
+            .redis(format!("{}/{db}", server.url()))
+            .build()
+    };
+    let (zero, one) = (
+        on_db(0).await.expect("build"),
+        on_db(1).await.expect("build"),
+    );
+    let (plain, tagged) = (item(1), item(2));
+    for cache in [&zero, &one] {
+        cache
+            .set(&plain, 1, &EntryOptions::secs(300))
+            .await
+            .expect("set");
+        cache.set(&tagged, 2, &opts()).await.expect("set");
+    }
+    zero.clear().await.expect("clear");
+    zero.invalidate_tag("items").await.expect("invalidate_tag");
+    zero.invalidate(&plain).await.expect("invalidate");
+    // A message that reached DB 1's instance would have landed by now.
+    let probe = item(3);
+    zero.set(&probe, 3, &opts()).await.expect("set");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let before = one.stats();
+    assert_eq!(one.get(&plain).await.as_deref(), Some(&1));
+    assert_eq!(one.get(&tagged).await.as_deref(), Some(&2));
+    let after = one.stats();
+    assert_eq!(
+        after.l1_hits - before.l1_hits,
+        2,
+        "still in DB 1's L1: {after:?}"
+    );
+    assert_eq!(after.invalidations_received, 0, "{after:?}");
+    assert_eq!(zero.get(&tagged).await, None, "DB 0's own entries are gone");
+}

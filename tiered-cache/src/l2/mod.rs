@@ -201,9 +201,18 @@ impl L2 {
         k
     }
 
-    /// The name of a pub/sub channel of this namespace.
+    /// The name of a pub/sub channel of this namespace and database.
+    /// Channels are server-wide, not per database, so two caches of one
+    /// namespace on `/0` and `/1` of one Redis must not share one: the
+    /// database is part of the name (DB 0 keeps the plain name, which
+    /// earlier releases used, so a rolling deploy keeps hearing them).
     pub(crate) fn channel(&self, name: &str) -> String {
-        self.key(name)
+        let mut channel = self.key(name);
+        let db = self.client.get_connection_info().redis_settings().db();
+        if db != 0 {
+            channel.push_str(&format!(":db{db}"));
+        }
+        channel
     }
 
     /// Runs one command under the timeout, counting and logging failures.
