@@ -329,7 +329,10 @@ impl Local {
                     self.tags.observe(&tag, version);
                 }
                 if let Some(l1) = &self.l1 {
-                    l1.invalidate_tag(&tag, version.unwrap_or(u64::MAX));
+                    match version {
+                        Some(version) => l1.invalidate_tag(&tag, version),
+                        None => l1.drop_tag(&tag),
+                    }
                 }
             }
             Event::Clear(version) => {

@@ -198,8 +198,11 @@ impl TieredCache {
             .bump(tag, self.inner.tiers.l2.as_ref())
             .await;
         if let Some(l1) = &self.inner.tiers.l1 {
-            // Without an answer from Redis, drop every local entry of the tag.
-            l1.invalidate_tag(tag, *bumped.as_ref().unwrap_or(&u64::MAX));
+            match &bumped {
+                Ok(version) => l1.invalidate_tag(tag, *version),
+                // Without an answer from Redis, drop what is there now.
+                Err(_) => l1.drop_tag(tag),
+            }
         }
         self.announce(Event::Tag(tag.to_owned(), bumped.as_ref().ok().copied()));
         bumped.map(drop)

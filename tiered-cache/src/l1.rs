@@ -57,6 +57,8 @@ pub(crate) struct L1Entry {
     pub(crate) checked: Checked,
     /// How many times L1 had been cleared when the entry was built.
     clears: u64,
+    /// When the entry was built (a failsafe copy keeps its original's).
+    built: Instant,
 }
 
 /// See [`L1Entry::checked`].
@@ -64,39 +66,61 @@ pub(crate) struct L1Entry {
 pub(crate) struct Checked(AtomicU64);
 
 /// Tag floors: an entry stamped with a tag version below the tag's floor was
-/// invalidated.
+/// invalidated; so was an entry of a tag built before the tag's cut (a tag
+/// dropped here whose new version is unknown, as when Redis could not bump
+/// it: what is there goes, what is built later stays).
 #[derive(Debug)]
 struct Floors {
     /// Bumped after every raise; starts at 1 so that new entries get checked.
     generation: AtomicU64,
-    floors: RwLock<HashMap<Arc<str>, u64>>,
+    floors: RwLock<FloorMaps>,
+}
+
+#[derive(Debug, Default)]
+struct FloorMaps {
+    versions: HashMap<Arc<str>, u64>,
+    cuts: HashMap<Arc<str>, Instant>,
 }
 
 impl Floors {
     fn raise(&self, tag: &str, version: u64) {
         {
             let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
-            let floor = floors.entry(Arc::from(tag)).or_insert(0);
+            let floor = floors.versions.entry(Arc::from(tag)).or_insert(0);
             *floor = (*floor).max(version);
         }
         self.generation.fetch_add(1, SeqCst);
     }
 
-    fn reset(&self) {
-        self.floors
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+    fn cut(&self, tag: &str, at: Instant) {
+        {
+            let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
+            let cut = floors.cuts.entry(Arc::from(tag)).or_insert(at);
+            *cut = (*cut).max(at);
+        }
         self.generation.fetch_add(1, SeqCst);
     }
 
-    fn outdate(&self, meta: &Meta) -> bool {
+    fn reset(&self) {
+        *self.floors.write().unwrap_or_else(PoisonError::into_inner) = FloorMaps::default();
+        self.generation.fetch_add(1, SeqCst);
+    }
+
+    fn outdate(&self, entry: &L1Entry) -> bool {
         let floors = self.floors.read().unwrap_or_else(PoisonError::into_inner);
-        !floors.is_empty()
-            && meta
+        let below = |tag: &Arc<str>, version: &u64| {
+            floors
+                .versions
+                .get(tag)
+                .is_some_and(|floor| version < floor)
+                || floors.cuts.get(tag).is_some_and(|cut| entry.built <= *cut)
+        };
+        !(floors.versions.is_empty() && floors.cuts.is_empty())
+            && entry
+                .meta
                 .tags
                 .iter()
-                .any(|(tag, version)| floors.get(tag).is_some_and(|floor| version < floor))
+                .any(|(tag, version)| below(tag, version))
     }
 }
 
@@ -209,7 +233,7 @@ impl L1 {
     /// expired; it is not served.
     #[cold]
     fn check_floors(&self, entry: Arc<L1Entry>, generation: u64) -> Option<Arc<L1Entry>> {
-        if entry.clears != self.drops.many.load(SeqCst) || self.floors.outdate(&entry.meta) {
+        if entry.clears != self.drops.many.load(SeqCst) || self.floors.outdate(&entry) {
             return None;
         }
         entry.checked.0.store(generation, Relaxed);
@@ -243,6 +267,7 @@ impl L1 {
             failsafe: false,
             checked: Checked::default(),
             clears: self.drops.many.load(SeqCst),
+            built: now,
         })
     }
 
@@ -258,6 +283,7 @@ impl L1 {
             failsafe: true,
             checked: Checked::default(),
             clears: stale.clears,
+            built: stale.built,
         })
     }
 
@@ -279,6 +305,7 @@ impl L1 {
             failsafe: false,
             checked: Checked::default(),
             clears: 0,
+            built: now,
         })
     }
 
@@ -392,6 +419,22 @@ impl L1 {
         });
         if dropped.is_err() {
             // Closures are enabled in `new`; should that ever change, be safe.
+            self.clear();
+        }
+    }
+
+    /// Drops every entry that carries `tag` now, when its new version is not
+    /// known (Redis could not bump it): entries built later are unaffected,
+    /// unlike a floor at `u64::MAX`, which would keep the tag out of L1 for
+    /// good.
+    pub(crate) fn drop_tag(&self, tag: &str) {
+        let now = Instant::now();
+        self.floors.cut(tag, now);
+        let tag: Arc<str> = Arc::from(tag);
+        let dropped = self.cache.invalidate_entries_if(move |_, entry| {
+            entry.built <= now && entry.meta.tags.iter().any(|(t, _)| *t == tag)
+        });
+        if dropped.is_err() {
             self.clear();
         }
     }
