@@ -17,7 +17,7 @@ use crate::key::Key;
 use crate::l1::L1Entry;
 use crate::loader::{Load, Owned};
 use crate::options::EntryOptions;
-use crate::tiers::{typed, Claim};
+use crate::tiers::{typed, Claim, L1Lookup};
 
 impl TieredCache {
     /// The values under `keys`, in order: L1 first, then one MGET for all L1
@@ -27,16 +27,13 @@ impl TieredCache {
         V: DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
-        let now = Instant::now();
         let mut out = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            match self.inner.tiers.l1_get(key.as_str()).await {
-                Some(entry) if entry.is_fresh(now) => {
-                    self.inner.tiers.stats.l1_hits.incr();
-                    out.push(typed::<V>(&entry).flatten());
-                }
-                _ => {
+            match self.inner.tiers.lookup_l1::<V>(key.as_str()).await {
+                L1Lookup::Hit(hit) => out.push(hit),
+                L1Lookup::FailSafe => out.push(None),
+                L1Lookup::Miss => {
                     out.push(None);
                     missing.push(i);
                 }
@@ -197,12 +194,13 @@ impl TieredCache {
                     .wait_for_load::<V, E>(key, waiter, fallback.as_ref(), options)
                     .await
                 {
-                    Some(outcome) => outcome,
-                    // The leader gave up: start over on the single-key path.
-                    None => {
+                    // The leader gave up, or found nothing (a `try_get_or_load`
+                    // led): start over on the single-key path.
+                    Some(Ok(None)) | None => {
                         self.load_through::<V, C, E, L>(key, options, loader, false)
                             .await
                     }
+                    Some(outcome) => outcome,
                 }
             }
         }

@@ -14,7 +14,9 @@ use crate::stats::Stats;
 use crate::tags::TagVersions;
 use crate::tiers::Tiers;
 
-/// Builds a [`TieredCache`]; from [`TieredCache::builder`].
+/// The bound of the fail-safe copies kept when L1 is off.
+const FAILSAFE_ONLY_BYTES: u64 = 4 << 20;
+
 /// Builds a [`TieredCache`]; from [`TieredCache::builder`].
 #[must_use]
 #[derive(Debug, Clone)]
@@ -157,13 +159,17 @@ impl TieredCacheBuilder {
             None => None,
         };
         let l1 = (self.l1_max_bytes > 0).then(|| L1::new(self.l1_max_bytes, self.l1_ttl_cap));
+        let failsafe_only = l1
+            .is_none()
+            .then(|| L1::new(FAILSAFE_ONLY_BYTES, self.l1_ttl_cap));
         // Without Redis there is no other instance: what this one knows of
         // tag versions is all there is. With Redis, the backplane vouches.
         let tags = Arc::new(TagVersions::new(l2.is_none()));
         let backplane = match &l2 {
             Some(l2) if self.backplane => {
                 let local = Local {
-                    l1: l1.clone(),
+                    // Invalidations drop fail-safe copies too.
+                    l1: l1.clone().or_else(|| failsafe_only.clone()),
                     tags: Arc::clone(&tags),
                     stats: Arc::clone(&stats),
                 };
@@ -183,6 +189,7 @@ impl TieredCacheBuilder {
             tags,
             stats,
             max_value_bytes: self.max_value_bytes,
+            failsafe_only,
         };
         Ok(TieredCache::from_parts(tiers, self.defaults, backplane))
     }

@@ -24,7 +24,7 @@ use crate::options::EntryOptions;
 use crate::refresh::early_refresh_due;
 use crate::stats::StatsSnapshot;
 use crate::tags::EPOCH_TAG;
-use crate::tiers::{typed, Origin, Tiers};
+use crate::tiers::{typed, L1Lookup, Origin, Tiers};
 
 /// The result every caller of one flight shares.
 pub(crate) type Outcome<V, E> = Result<Option<Arc<V>>, LoadError<E>>;
@@ -98,20 +98,10 @@ impl TieredCache {
         V: DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
-        let now = Instant::now();
-        if let Some(entry) = self.inner.tiers.l1_get(key.as_str()).await {
-            if entry.failsafe {
-                // A stale value kept through a failing refresh: not fresh,
-                // and Redis holds nothing fresher (or the refresh would
-                // have found it).
-                self.inner.tiers.stats.misses.incr();
-                return None;
-            }
-            if entry.is_fresh(now) {
-                if let Some(hit) = self.inner.tiers.typed_hit::<V>(&entry) {
-                    return hit;
-                }
-            }
+        match self.inner.tiers.lookup_l1::<V>(key.as_str()).await {
+            L1Lookup::Hit(hit) => return hit,
+            L1Lookup::FailSafe => return None,
+            L1Lookup::Miss => {}
         }
         match self.inner.tiers.read_l2::<V, C>(key.as_str()).await {
             Some(entry) if entry.is_fresh(Instant::now()) => {
@@ -197,7 +187,7 @@ impl TieredCache {
             .tags
             .bump(tag, self.inner.tiers.l2.as_ref())
             .await;
-        if let Some(l1) = &self.inner.tiers.l1 {
+        if let Some(l1) = self.inner.tiers.local() {
             match &bumped {
                 Ok(version) => l1.invalidate_tag(tag, *version),
                 // Without an answer from Redis, drop what is there now.
@@ -242,7 +232,7 @@ impl TieredCache {
             .tags
             .bump(EPOCH_TAG, self.inner.tiers.l2.as_ref())
             .await;
-        if let Some(l1) = &self.inner.tiers.l1 {
+        if let Some(l1) = self.inner.tiers.local() {
             l1.clear();
         }
         self.announce(Event::Clear(bumped.as_ref().ok().copied()));
@@ -418,6 +408,10 @@ impl TieredCache {
                         .wait_for_load::<V, E>(key, waiter, fallback.as_ref(), options)
                         .await
                     {
+                        // A loader that may find nothing led (`try_get_or_load`)
+                        // and found nothing: this caller wants a value, so it
+                        // runs its own loader.
+                        Some(Ok(None)) if !negatives => continue,
                         Some(outcome) => return outcome,
                         None => continue, // the leader gave up: try again, maybe lead
                     }
@@ -486,7 +480,7 @@ impl TieredCache {
         }
         let beta = options.beta(&self.inner.defaults);
         let delta = Duration::from_micros(u64::from(entry.meta.load_micros));
-        if early_refresh_due(now, entry.fresh_until, delta, beta) {
+        if entry.may_refresh(now) && early_refresh_due(now, entry.fresh_until, delta, beta) {
             if let Some(refresh) = self.early_refresh::<V, C, E, L>(key, options, entry, loader) {
                 return refresh;
             }

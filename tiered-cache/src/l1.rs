@@ -52,6 +52,9 @@ pub(crate) struct L1Entry {
     /// A stale value kept "fresh" for a short while after a failed refresh
     /// (the fail-safe throttle): hits on it are counted as stale served.
     pub(crate) failsafe: bool,
+    /// No early refresh starts before this: set after a refresh failed, so
+    /// a failing loader is tried at most once per throttle period.
+    pub(crate) refresh_after: Option<Instant>,
     /// The floor generation at which the entry was last found above every
     /// tag floor; `Default` (never checked) for a new entry.
     pub(crate) checked: Checked,
@@ -127,6 +130,12 @@ impl Floors {
 impl L1Entry {
     pub(crate) fn is_fresh(&self, now: Instant) -> bool {
         now < self.fresh_until
+    }
+
+    /// Whether an early refresh may start now: not on a fail-safe copy (its
+    /// retry is its expiry) and not inside a throttle after a failure.
+    pub(crate) fn may_refresh(&self, now: Instant) -> bool {
+        !self.failsafe && self.refresh_after.is_none_or(|after| now >= after)
     }
 }
 
@@ -265,25 +274,34 @@ impl L1 {
             meta,
             weight,
             failsafe: false,
+            refresh_after: None,
             checked: Checked::default(),
             clears: self.drops.many.load(SeqCst),
             built: now,
         })
     }
 
-    /// A copy of `stale` served as if fresh until `fresh_until` (never past
-    /// its own drop), for the fail-safe throttle; see [`L1Entry::failsafe`].
-    pub(crate) fn failsafe_copy(&self, stale: &L1Entry, fresh_until: Instant) -> Arc<L1Entry> {
+    /// The copy of `entry` that stands in for it after its refresh failed,
+    /// until `retry_at` (never past its own drop), for the fail-safe
+    /// throttle. A stale entry is served as if fresh until then (see
+    /// [`L1Entry::failsafe`]); a fresh one (an early refresh failed) stays
+    /// as fresh as it was, and only its next early refresh waits.
+    pub(crate) fn failsafe_copy(&self, entry: &L1Entry, retry_at: Instant) -> Arc<L1Entry> {
+        let retry_at = retry_at.min(entry.drop_at);
+        let stale = !entry.is_fresh(Instant::now());
         Arc::new(L1Entry {
-            value: stale.value.clone(),
-            fresh_until: fresh_until.min(stale.drop_at),
-            drop_at: stale.drop_at,
-            meta: stale.meta.clone(),
-            weight: stale.weight,
-            failsafe: true,
+            value: entry.value.clone(),
+            fresh_until: if stale { retry_at } else { entry.fresh_until },
+            drop_at: entry.drop_at,
+            meta: entry.meta.clone(),
+            weight: entry.weight,
+            failsafe: stale || entry.failsafe,
+            refresh_after: Some(retry_at),
             checked: Checked::default(),
-            clears: stale.clears,
-            built: stale.built,
+            // Built now, for this L1 (`entry` may be a detached one): the
+            // caller's ticket covers a clear since the load began.
+            clears: self.drops.many.load(SeqCst),
+            built: entry.built,
         })
     }
 
@@ -303,6 +321,7 @@ impl L1 {
             meta,
             weight: 0,
             failsafe: false,
+            refresh_after: None,
             checked: Checked::default(),
             clears: 0,
             built: now,

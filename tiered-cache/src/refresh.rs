@@ -386,7 +386,7 @@ impl TieredCache {
         if let (Err(_), Some(stale)) = (&outcome, &stale) {
             self.inner
                 .tiers
-                .throttle_failsafe(key, stale, opts.failsafe_throttle)
+                .throttle_failsafe(key, stale, opts.failsafe_throttle, claim)
                 .await;
         }
         leader.finish::<Outcome<V, E>>(outcome.clone());

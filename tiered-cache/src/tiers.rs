@@ -17,6 +17,16 @@ use crate::options::Resolved;
 use crate::stats::Stats;
 use crate::tags::TagVersions;
 
+/// See [`Tiers::lookup_l1`].
+pub(crate) enum L1Lookup<V> {
+    /// Fresh: the value, or a cached negative (`None`).
+    Hit(Option<Arc<V>>),
+    /// A stale value kept by the fail-safe throttle: a miss (counted).
+    FailSafe,
+    /// Nothing usable: go on to Redis.
+    Miss,
+}
+
 /// Who writes an entry, for [`Tiers::store`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Origin {
@@ -59,25 +69,41 @@ pub(crate) struct Tiers {
     pub(crate) tags: Arc<TagVersions>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) max_value_bytes: usize,
+    /// With L1 off: a small L1 that holds only fail-safe copies, so the
+    /// fail-safe throttle still keeps a failing loader from being hammered.
+    pub(crate) failsafe_only: Option<L1>,
 }
 
 impl Tiers {
+    /// What this instance holds in memory: L1, or with L1 off its fail-safe
+    /// copies. Invalidations apply to it.
+    pub(crate) fn local(&self) -> Option<&L1> {
+        self.l1.as_ref().or(self.failsafe_only.as_ref())
+    }
+
     /// After a failed refresh, serves the stale value as if fresh for a
     /// short while, never past its grace window, so the loader is not
     /// hammered while it fails.
-    pub(crate) async fn throttle_failsafe(&self, key: &str, stale: &Arc<L1Entry>, delay: Duration) {
-        let Some(l1) = &self.l1 else { return };
+    pub(crate) async fn throttle_failsafe(
+        &self,
+        key: &str,
+        stale: &Arc<L1Entry>,
+        delay: Duration,
+        claim: Claim,
+    ) {
+        let Some(l1) = self.local() else { return };
         // Only stand in for the entry that failed to refresh: if the key was
         // invalidated or rewritten during the load, bringing the old value
-        // back would undo that (the ticket covers a drop after this look).
-        let ticket = l1.ticket(key);
-        match l1.get(key).await {
-            // The same stored entry (a promotion of it from Redis included).
-            Some(current) if current.meta == stale.meta => {}
-            _ => return,
+        // back would undo that. The claim's ticket, taken before the load,
+        // sees any such drop; an entry in L1 must still be the same one
+        // (a promotion of it from Redis included).
+        if let Some(current) = l1.get(key).await {
+            if current.meta != stale.meta {
+                return;
+            }
         }
         let retry = l1.failsafe_copy(stale, Instant::now() + delay);
-        l1.insert_since(key, retry, ticket).await;
+        l1.insert_since(key, retry, claim.l1).await;
     }
 
     /// Writes an entry to both tiers, Redis first. `value` is `None` for a
@@ -187,7 +213,7 @@ impl Tiers {
                 .map_err(L2Fault::into_error),
             None => Ok(()),
         };
-        if let Some(l1) = &self.l1 {
+        if let Some(l1) = self.local() {
             l1.invalidate(key).await;
         }
         deleted
@@ -274,19 +300,39 @@ impl Tiers {
         out
     }
 
+    /// What a plain read (`get`, `get_many`) makes of `key` in L1: one
+    /// judgement for both, counted. A fail-safe copy is a counted miss with
+    /// nothing to look for in Redis (the failed refresh looked there).
+    pub(crate) async fn lookup_l1<V: Send + Sync + 'static>(&self, key: &str) -> L1Lookup<V> {
+        let Some(entry) = self.l1_get(key).await else {
+            return L1Lookup::Miss;
+        };
+        if entry.failsafe {
+            self.stats.misses.incr();
+            return L1Lookup::FailSafe;
+        }
+        if !entry.is_fresh(Instant::now()) {
+            return L1Lookup::Miss;
+        }
+        match self.typed_hit::<V>(&entry) {
+            Some(hit) => L1Lookup::Hit(hit),
+            None => L1Lookup::Miss,
+        }
+    }
+
     /// Notes L1's drops before a Redis read, so its promotion cannot undo one.
     #[inline]
     pub(crate) fn ticket(&self, key: &str) -> Ticket {
-        self.l1
-            .as_ref()
+        self.local()
             .map_or_else(Ticket::default, |l1| l1.ticket(key))
     }
 
     #[inline]
     pub(crate) async fn l1_get(&self, key: &str) -> Option<Arc<L1Entry>> {
-        match &self.l1 {
-            Some(l1) => l1.get(key).await,
-            None => None,
+        match (&self.l1, &self.failsafe_only) {
+            (Some(l1), _) => l1.get(key).await,
+            (None, Some(copies)) => copies.get(key).await,
+            (None, None) => None,
         }
     }
 
