@@ -68,7 +68,7 @@ async fn a_failed_early_refresh_does_not_hide_the_fresh_value() {
         Some("v1")
     );
     assert_eq!(
-        cache.get_many(&[key.clone()]).await[0]
+        cache.get_many(std::slice::from_ref(&key)).await[0]
             .as_deref()
             .map(String::as_str),
         Some("v1")
@@ -176,7 +176,7 @@ async fn get_and_get_many_agree_on_a_fail_safe_copy() {
 
     let before = cache.stats();
     assert_eq!(cache.get(&key).await, None);
-    assert_eq!(cache.get_many(&[key.clone()]).await, vec![None]);
+    assert_eq!(cache.get_many(std::slice::from_ref(&key)).await, vec![None]);
     let after = cache.stats();
     assert_eq!(after.misses - before.misses, 2, "{after:?}");
     assert_eq!(after.l1_hits, before.l1_hits, "{after:?}");
