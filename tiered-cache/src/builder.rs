@@ -14,6 +14,10 @@ use crate::stats::Stats;
 use crate::tags::TagVersions;
 use crate::tiers::Tiers;
 
+/// The longest `l2_timeout` accepted: it bounds every Redis command, so
+/// more than this is a mistake (and timers past it overflow).
+const MAX_L2_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// The bound of the fail-safe copies kept when L1 is off.
 const FAILSAFE_ONLY_BYTES: u64 = 4 << 20;
 
@@ -79,7 +83,8 @@ impl TieredCacheBuilder {
     }
 
     /// Longest wait for any Redis command; past it the cache serves from L1
-    /// and the loader. Default: 250 ms.
+    /// and the loader. More than zero and at most an hour, or `build`
+    /// fails. Default: 250 ms.
     pub fn l2_timeout(mut self, timeout: Duration) -> Self {
         self.l2_timeout = timeout;
         self
@@ -130,6 +135,15 @@ impl TieredCacheBuilder {
     /// # Errors
     /// An invalid Redis URL or namespace; an unreachable Redis with `require_l2`.
     pub async fn build(self) -> Result<TieredCache, Error> {
+        if self.l2_timeout.is_zero() || self.l2_timeout > MAX_L2_TIMEOUT {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "l2_timeout must be more than zero and at most {MAX_L2_TIMEOUT:?} (it bounds every Redis command; got {:?})",
+                    self.l2_timeout
+                ),
+            ));
+        }
         if self.namespace.is_empty() || self.namespace.contains(['{', '}']) {
             return Err(Error::new(
                 ErrorKind::Config,

@@ -5,7 +5,8 @@ use serde::Serialize;
 
 use crate::error::{Error, ErrorKind};
 
-/// A serde format for values stored in the second tier.
+/// A serde format for values stored in the second tier. A codec of your
+/// own reports failures with [`Error::codec`].
 ///
 /// A codec is chosen per key type (`Key<V, C>`), and its [`ID`](Codec::ID) is
 /// written into every stored entry: switching codecs makes old entries read as

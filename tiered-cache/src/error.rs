@@ -46,6 +46,22 @@ impl Error {
         self
     }
 
+    /// A value that a [`Codec`](crate::Codec) could not encode or decode,
+    /// for codecs of your own. A decode failure is then a counted miss
+    /// (`stats.decode_failures`), an encode failure the error of `set`.
+    ///
+    /// ```
+    /// let e = tiered_cache::Error::codec("not valid JSON");
+    /// assert!(e.is_codec());
+    /// ```
+    pub fn codec(source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Error::new(
+            ErrorKind::Codec,
+            "a value could not be encoded or decoded by the key's codec; if the type changed, bump the key's schema version",
+        )
+        .with_source(source)
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         self.kind

@@ -169,6 +169,15 @@ pub(crate) struct Ticket {
     stripe: usize,
 }
 
+/// `now + d`, or about a century from now when that is past what an
+/// `Instant` holds (`Duration::MAX` is a valid TTL: "keep it").
+pub(crate) fn later(now: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(d.min(CENTURY))
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 fn stripe_of(key: &str) -> usize {
     // FNV-1a: cheap, and any spread is good enough for 64 stripes.
     let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
@@ -264,13 +273,13 @@ impl L1 {
         size: usize,
     ) -> Arc<L1Entry> {
         let now = Instant::now();
-        let fresh_until = now + fresh_for.min(keep_for);
+        let fresh_until = later(now, fresh_for.min(keep_for));
         let keep_for = self.ttl_cap.map_or(keep_for, |cap| keep_for.min(cap));
         let weight = (key.len() + size + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32;
         Arc::new(L1Entry {
             value,
             fresh_until,
-            drop_at: now + keep_for,
+            drop_at: later(now, keep_for),
             meta,
             weight,
             failsafe: false,
@@ -316,8 +325,8 @@ impl L1 {
         let now = Instant::now();
         Arc::new(L1Entry {
             value,
-            fresh_until: now + fresh_for.min(keep_for),
-            drop_at: now + keep_for,
+            fresh_until: later(now, fresh_for.min(keep_for)),
+            drop_at: later(now, keep_for),
             meta,
             weight: 0,
             failsafe: false,

@@ -41,7 +41,7 @@ impl EntryOptions {
 
     /// Options with a TTL of `mins` minutes.
     pub fn mins(mins: u64) -> Self {
-        Self::new(Duration::from_secs(mins * 60))
+        Self::new(Duration::from_secs(mins.saturating_mul(60)))
     }
 
     /// Options with a TTL of `millis` milliseconds (sub-second TTLs work in both tiers).
@@ -201,6 +201,8 @@ impl Resolved {
         if self.jitter.is_zero() {
             return base;
         }
-        base + self.jitter.mul_f64(rand::random::<f64>())
+        let extra = Duration::try_from_secs_f64(self.jitter.as_secs_f64() * rand::random::<f64>())
+            .unwrap_or(self.jitter);
+        base.saturating_add(extra)
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::entry::{self, Meta};
 use crate::error::Error;
-use crate::l1::{AnyValue, L1Entry, Ticket, L1};
+use crate::l1::{later, AnyValue, L1Entry, Ticket, L1};
 use crate::l2::{L2Fault, Versioned, Write, L2};
 use crate::options::Resolved;
 use crate::stats::Stats;
@@ -102,7 +102,7 @@ impl Tiers {
                 return;
             }
         }
-        let retry = l1.failsafe_copy(stale, Instant::now() + delay);
+        let retry = l1.failsafe_copy(stale, later(Instant::now(), delay));
         l1.insert_since(key, retry, claim.l1).await;
     }
 

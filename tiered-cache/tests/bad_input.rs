@@ -293,3 +293,196 @@ async fn redis_out_of_memory_degrades_to_l1_and_the_loader() {
     assert_eq!((s.loads, s.l1_hits), (1, 2));
     assert!(!exists(&server, &redis_key(&key(2))));
 }
+
+/// A codec of the application's own: JSON through serde_json. Failures
+/// are reported with `Error::codec`.
+struct Json;
+
+impl tiered_cache::Codec for Json {
+    const ID: u8 = 42;
+
+    fn encode<V: serde::Serialize + ?Sized>(
+        value: &V,
+        out: &mut Vec<u8>,
+    ) -> tiered_cache::Result<()> {
+        serde_json::to_writer(out, value).map_err(tiered_cache::Error::codec)
+    }
+
+    fn decode<V: serde::de::DeserializeOwned>(bytes: &[u8]) -> tiered_cache::Result<V> {
+        serde_json::from_slice(bytes).map_err(tiered_cache::Error::codec)
+    }
+}
+
+/// A user codec works end to end, and its decode failure (a `String`
+/// stored where a `Product` is read) is a counted miss, then a load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_codec_can_fail_and_its_failure_is_a_counted_miss() {
+    let server = server();
+    let writer = fresh_cache(&server).await;
+    let as_product = Key::<Product, Json>::new("json", 1).arg(1);
+    writer
+        .set(&as_product, product(1), &opts())
+        .await
+        .expect("set");
+    let reader = fresh_cache(&server).await;
+    assert_eq!(reader.get(&as_product).await.as_deref(), Some(&product(1)));
+    let raw: Vec<u8> = redis::cmd("GET")
+        .arg(format!("t:{}", as_product.as_str()))
+        .query(&mut conn(&server))
+        .expect("GET");
+    assert!(
+        raw.ends_with(br#"{"id":1,"name":"product 1"}"#),
+        "JSON in Redis"
+    );
+
+    let as_text = Key::<String, Json>::new("json", 1).arg(2);
+    writer
+        .set(&as_text, "not a product".to_owned(), &opts())
+        .await
+        .expect("set");
+    let clash = Key::<Product, Json>::new("json", 1).arg(2);
+    let reader = fresh_cache(&server).await;
+    assert_eq!(reader.get(&clash).await, None);
+    assert_eq!(reader.stats().decode_failures, 1, "{:?}", reader.stats());
+    let loaded = reader
+        .get_or_load(&clash, &opts(), || async {
+            Ok::<_, std::io::Error>(product(2))
+        })
+        .await
+        .expect("the loader stands in");
+    assert_eq!(*loaded, product(2));
+    let e = tiered_cache::Error::codec(serde_json::from_slice::<u8>(b"x").unwrap_err());
+    assert!(e.is_codec() && std::error::Error::source(&e).is_some());
+}
+
+fn any_duration() -> impl proptest::strategy::Strategy<Value = Duration> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(Duration::ZERO),
+        Just(Duration::MAX),
+        Just(Duration::from_nanos(1)),
+        (0..u64::MAX, 0..1_000_000_000_u32).prop_map(|(s, n)| Duration::new(s, n)),
+        (0..600_000_u64).prop_map(Duration::from_millis),
+    ]
+}
+
+/// Any duration a caller can pass, in every option and setting: never a
+/// panic. Values that make no sense as a setting are a `Config` error at
+/// `build`; everything else works (saturating where it must).
+#[test]
+fn every_duration_in_every_option_is_handled() {
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = server();
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    let round = AtomicUsize::new(0);
+    proptest!(config, |(d in proptest::collection::vec(any_duration(), 10), l1 in any::<bool>())| {
+        let n = round.fetch_add(1, Ordering::Relaxed) as u64;
+        rt.block_on(async {
+            let built = TieredCache::builder()
+                .namespace("durations")
+                .redis(server.url())
+                .l1_max_bytes(if l1 { 1 << 20 } else { 0 })
+                .l1_ttl_cap(d[0])
+                .default_ttl(d[1])
+                .l2_timeout(d[2])
+                .build()
+                .await;
+            let cache = match built {
+                Ok(cache) => cache,
+                Err(e) => {
+                    assert_eq!(e.kind(), tiered_cache::ErrorKind::Config, "{e}");
+                    return;
+                }
+            };
+            let opts = EntryOptions::new(d[3])
+                .stale(d[4])
+                .negative_ttl(d[5])
+                .soft_timeout(d[6])
+                .hard_timeout(d[7])
+                .jitter(d[8])
+                .failsafe_throttle(d[9]);
+            let k = key(n);
+            cache.set(&k, product(n), &opts).await.expect("set encodes");
+            let _ = cache.get(&k).await;
+            let _ = cache.get_many(&[k.clone(), key(n + 1_000_000)]).await;
+            let _ = cache
+                .get_or_load(&key(n + 2_000_000), &opts, move || async move {
+                    Ok::<_, std::io::Error>(product(n))
+                })
+                .await;
+            let _ = cache
+                .try_get_or_load(&key(n + 3_000_000), &opts, || async {
+                    Ok::<Option<Product>, std::io::Error>(None)
+                })
+                .await;
+            let _ = cache.invalidate(&k).await;
+        });
+    });
+    for extreme in [Duration::ZERO, Duration::MAX] {
+        let built = rt.block_on(
+            TieredCache::builder()
+                .redis(server.url())
+                .l2_timeout(extreme)
+                .build(),
+        );
+        assert_eq!(
+            built.err().map(|e| e.kind()),
+            Some(tiered_cache::ErrorKind::Config),
+            "{extreme:?}"
+        );
+    }
+}
+
+/// Arbitrary bytes stored as an entry, through every read path: a counted
+/// miss (or a valid entry, for the rare bytes that are one), never a panic.
+#[test]
+fn arbitrary_bytes_as_an_entry_are_a_counted_miss_on_every_path() {
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = server();
+    let config = ProptestConfig {
+        cases: 64,
+        ..ProptestConfig::default()
+    };
+    let round = AtomicUsize::new(0);
+    proptest!(config, |(bytes in proptest::collection::vec(any::<u8>(), 0..300), path in 0..3_u8)| {
+        let n = round.fetch_add(1, Ordering::Relaxed) as u64;
+        let k = key(n);
+        redis::cmd("SET")
+            .arg(redis_key(&k))
+            .arg(&bytes)
+            .query::<()>(&mut conn(&server))
+            .expect("SET");
+        rt.block_on(async {
+            let cache = fresh_cache(&server).await;
+            let found = match path {
+                0 => cache.get(&k).await.is_some(),
+                1 => cache.get_many(std::slice::from_ref(&k)).await[0].is_some(),
+                _ => {
+                    let v = cache
+                        .get_or_load(&k, &opts(), move || async move {
+                            Ok::<_, std::io::Error>(product(n))
+                        })
+                        .await
+                        .expect("the loader stands in");
+                    *v != product(n)
+                }
+            };
+            let s = cache.stats();
+            assert!(found || s.decode_failures == 1 || bytes.is_empty(), "{bytes:?}: {s:?}");
+            assert!(!found || s.decode_failures == 0, "{bytes:?}: {s:?}");
+        });
+    });
+}

@@ -480,10 +480,12 @@ pub(crate) struct Versioned {
 /// and ends within this still finds the newer version and loses.
 const VERSION_KEEP: Duration = Duration::from_secs(300);
 
-/// A duration in whole milliseconds, at least 1 (sub-second TTLs work; PX 0
-/// is an error), saturating.
+/// A TTL in whole milliseconds for `PX`: at least 1 (sub-second TTLs work;
+/// PX 0 is an error) and at most a century (Redis refuses an expiry past
+/// what it can hold, so `Duration::MAX` means "keep it", not an error).
 fn millis(d: Duration) -> u64 {
-    d.as_millis().clamp(1, u128::from(u64::MAX)) as u64
+    const CENTURY_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
+    d.as_millis().clamp(1, CENTURY_MS) as u64
 }
 
 /// A version counter's value; anything unreadable counts as never written
