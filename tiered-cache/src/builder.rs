@@ -31,6 +31,7 @@ pub struct TieredCacheBuilder {
     /// Its `Debug` hides the password: the builder derives `Debug`.
     redis_url: Option<RedisUrl>,
     l2_timeout: Duration,
+    background_timeout: Duration,
     backplane: bool,
     require_l2: bool,
     max_value_bytes: usize,
@@ -45,6 +46,7 @@ impl Default for TieredCacheBuilder {
             l1_ttl_cap: None,
             redis_url: None,
             l2_timeout: Duration::from_millis(250),
+            background_timeout: Duration::from_secs(30),
             backplane: true,
             require_l2: false,
             max_value_bytes: 1 << 20,
@@ -87,6 +89,19 @@ impl TieredCacheBuilder {
     /// fails. Default: 250 ms.
     pub fn l2_timeout(mut self, timeout: Duration) -> Self {
         self.l2_timeout = timeout;
+        self
+    }
+
+    /// The longest a load may run in the background (an early refresh, a
+    /// stale-while-revalidate refresh) when its entry sets no
+    /// [`hard_timeout`](EntryOptions::hard_timeout): past it the load is
+    /// abandoned and its key free again, so a loader that never returns (a
+    /// half-open database socket) cannot hold a key for the life of the
+    /// process. Also the longest a caller waits on another caller's load
+    /// without a stale value (it then gets a timeout error).
+    /// Default: 30 seconds.
+    pub fn background_timeout(mut self, timeout: Duration) -> Self {
+        self.background_timeout = timeout;
         self
     }
 
@@ -205,6 +220,11 @@ impl TieredCacheBuilder {
             max_value_bytes: self.max_value_bytes,
             failsafe_only,
         };
-        Ok(TieredCache::from_parts(tiers, self.defaults, backplane))
+        Ok(TieredCache::from_parts(
+            tiers,
+            self.defaults,
+            self.background_timeout,
+            backplane,
+        ))
     }
 }

@@ -42,6 +42,9 @@ pub(crate) struct Inner {
     pub(crate) tiers: Tiers,
     pub(crate) defaults: EntryOptions,
     pub(crate) flights: Arc<Flights>,
+    /// The hard timeout of background loads that set none; also how long a
+    /// waiter waits for another caller's load.
+    pub(crate) background_timeout: Duration,
     /// Tells other instances about invalidations; `None` without Redis or
     /// when turned off.
     backplane: Option<Backplane>,
@@ -51,6 +54,7 @@ impl TieredCache {
     pub(crate) fn from_parts(
         tiers: Tiers,
         defaults: EntryOptions,
+        background_timeout: Duration,
         backplane: Option<Backplane>,
     ) -> Self {
         TieredCache {
@@ -58,6 +62,7 @@ impl TieredCache {
                 tiers,
                 defaults,
                 flights: Arc::default(),
+                background_timeout,
                 backplane,
             }),
         }
@@ -164,13 +169,17 @@ impl TieredCache {
 
     /// Removes `key` from both tiers (Redis first) and tells other
     /// instances. A load of `key` that began before this call, here or on
-    /// another instance, does not store its value afterwards.
+    /// another instance, does not store its value afterwards, and callers
+    /// after it no longer wait on such a load here.
     ///
     /// # Errors
     /// When Redis could not be told (the entry is gone from L1 regardless):
     /// other instances may still read the old value until its TTL.
     pub async fn invalidate<V, C>(&self, key: &Key<V, C>) -> Result<(), Error> {
         let deleted = self.inner.tiers.invalidate(key.as_str()).await;
+        // A load in flight cannot store any more (its claim is outdated):
+        // new callers start their own instead of waiting on it.
+        self.inner.flights.release(key.as_str());
         self.announce(Event::Key(key.as_str().to_owned()));
         deleted
     }

@@ -85,6 +85,15 @@ impl Flights {
         }
     }
 
+    /// Forgets every flight of `key` (whatever its types): callers from now
+    /// on lead a new one; the old leaders' waiters still get their result.
+    pub(crate) fn release(&self, key: &str) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if !map.is_empty() {
+            map.retain(|(_, k), _| &**k != key);
+        }
+    }
+
     fn remove_if_ours(&self, key: &FlightKey, id: u64) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if map.get(key).is_some_and(|slot| slot.id == id) {
@@ -144,6 +153,28 @@ mod tests {
             matches!(flights.join::<u32>("k"), Join::Leader(_)),
             "flight ended"
         );
+    }
+
+    #[tokio::test]
+    async fn a_released_key_gets_a_new_leader_and_the_old_waiters_their_result() {
+        let flights = Arc::new(Flights::default());
+        let Join::Leader(old) = flights.join::<u32>("k") else {
+            panic!()
+        };
+        let Join::Waiter(waiter) = flights.join::<u32>("k") else {
+            panic!()
+        };
+        flights.release("k");
+        let Join::Leader(new) = flights.join::<u32>("k") else {
+            panic!("a released key is led anew")
+        };
+        old.finish(1u32);
+        assert_eq!(waiter.wait::<u32>().await, Some(1));
+        assert!(
+            matches!(flights.join::<u32>("k"), Join::Waiter(_)),
+            "the new flight stays"
+        );
+        new.finish(2u32);
     }
 
     #[tokio::test]

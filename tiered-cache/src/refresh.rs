@@ -106,6 +106,7 @@ impl TieredCache {
         let wait = leader.subscribe().wait::<Outcome<V, E>>();
         let this = self.clone();
         let (key, bg_stale) = (key.to_owned(), Arc::clone(&stale));
+        let opts = self.in_background(opts);
         tokio::spawn(async move {
             let _ = this
                 .run_load::<V, C, E, _>(&key, opts, loader, leader, Some(bg_stale), claim)
@@ -144,7 +145,7 @@ impl TieredCache {
                 let this = self.clone();
                 let (key, opts, stale) = (
                     key.to_owned(),
-                    options.resolve(&self.inner.defaults),
+                    self.in_background(options.resolve(&self.inner.defaults)),
                     Arc::clone(entry),
                 );
                 tokio::spawn(async move {
@@ -209,6 +210,14 @@ impl TieredCache {
             Ok(Some(value)) => Ok(Some(value)),
             _ => Ok(hit),
         }
+    }
+
+    /// The options of a load that runs in a background task: with the
+    /// cache's `background_timeout` as its hard timeout when the entry sets
+    /// none, so a loader that never returns cannot hold its key for ever.
+    fn in_background(&self, mut opts: Resolved) -> Resolved {
+        opts.hard_timeout = opts.hard_timeout.or(Some(self.inner.background_timeout));
+        opts
     }
 
     /// Before an early refresh calls its loader: another instance may have
@@ -281,7 +290,19 @@ impl TieredCache {
         E: Send + Sync + 'static,
     {
         let Some(stale) = fallback else {
-            return wait.await;
+            // Bounded: a leader that hangs (a half-open database socket)
+            // must not hold its waiters for ever.
+            let bound = options
+                .resolve(&self.inner.defaults)
+                .hard_timeout
+                .unwrap_or(self.inner.background_timeout);
+            return match tokio::time::timeout(bound, wait).await {
+                Ok(outcome) => outcome,
+                Err(_) => Some(Err(LoadError::Cache(Error::new(
+                    ErrorKind::Timeout,
+                    format!("another caller's load of this key did not finish within {bound:?}; set a hard_timeout on the entry or a shorter background_timeout"),
+                )))),
+            };
         };
         let soft = options.soft_timeout_or_default(&self.inner.defaults);
         match tokio::time::timeout(soft, wait).await {

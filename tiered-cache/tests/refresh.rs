@@ -186,3 +186,59 @@ async fn get_and_get_many_agree_on_a_fail_safe_copy() {
         .expect("fail-safe");
     assert_eq!(*served, "v1");
 }
+
+/// Starts an early refresh of `key` whose loader never returns (a half-open
+/// database socket), and lets `key` expire.
+async fn hang_a_refresh(cache: &TieredCache, key: &Key<String>) -> EntryOptions {
+    let opts = EntryOptions::new(Duration::from_millis(600)).early_refresh(1_000.0);
+    load_slowly(cache, key, &opts, Duration::from_millis(50)).await;
+    let hit = cache
+        .get_or_load(key, &opts, || {
+            std::future::pending::<Result<String, DbDown>>()
+        })
+        .await
+        .expect("the cached value");
+    assert_eq!(*hit, "v1");
+    assert_eq!(cache.stats().early_refreshes, 1, "the hung refresh started");
+    tokio::time::sleep(Duration::from_millis(700)).await; // expired
+    opts
+}
+
+async fn load_within_3s(cache: &TieredCache, key: &Key<String>, opts: &EntryOptions) -> String {
+    let load = cache.get_or_load(key, opts, || async { Ok::<_, DbDown>("v2".to_owned()) });
+    let v = tokio::time::timeout(Duration::from_secs(3), load)
+        .await
+        .expect("the key is not locked by the hung refresh")
+        .expect("loads");
+    (*v).clone()
+}
+
+/// A background refresh has a deadline by default: after it, the key is
+/// free again and the next caller loads (it used to wait for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_background_refresh_does_not_lock_its_key() {
+    let server = server();
+    let cache = builder_on(&server, "refresh-hung")
+        .background_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .expect("build");
+    let key = item(5);
+    let opts = hang_a_refresh(&cache, &key).await;
+    assert_eq!(load_within_3s(&cache, &key, &opts).await, "v2");
+    assert_eq!(cache.stats().loader_timeouts, 1, "{:?}", cache.stats());
+}
+
+/// `invalidate` releases a key whose load hangs: callers after it load anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_releases_a_key_whose_load_hangs() {
+    let server = server();
+    let cache = builder_on(&server, "refresh-release")
+        .build()
+        .await
+        .expect("build");
+    let key = item(6);
+    let opts = hang_a_refresh(&cache, &key).await; // 30 s deadline: still hung
+    cache.invalidate(&key).await.expect("invalidate");
+    assert_eq!(load_within_3s(&cache, &key, &opts).await, "v2");
+}
