@@ -128,7 +128,7 @@ pub use global::{install, installed, try_installed};
 pub use tiered_cache_macros::cached;
 
 #[doc(hidden)]
-#[path = "private.rs"]
+#[path = "macro_support/mod.rs"]
 pub mod __private;
 
 /// The `#[cached]` documentation's examples, compiled and run as doctests
