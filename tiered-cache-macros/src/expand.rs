@@ -7,7 +7,7 @@
 //! async fn f(params) -> R {
 //!     let key = <Key<V> from the template>;        // built from &params
 //!     let opts = <EntryOptions>;                    // a static when constant
-//!     let cache = <Option<&TieredCache>>;
+//!     let cache = <Option<&TieredCache>>;            // `cache = ..`, else scope, else install
 //!     let body = move || async move { <fake return edge> <original body> };
 //!     match cache {
 //!         Some(cache) => __private::cached(cache, &key, opts, share, body).await,
@@ -202,9 +202,12 @@ impl Gen<'_> {
         };
 
         let cache_init = match plan.args.cache.as_ref().map(|c| &c.value) {
+            // The scoped or installed cache (a `Cow`: a handle of our own
+            // only for a scoped one).
             None => quote! {
-                let #cache: #p::Option<&#p::TieredCache> =
-                    #p::installed(::core::concat!(::core::module_path!(), "::", #fn_name));
+                let #holder =
+                    #p::default_cache_for(::core::concat!(::core::module_path!(), "::", #fn_name));
+                let #cache: #p::Option<&#p::TieredCache> = #p::Option::as_deref(&#holder);
             },
             // The body takes ownership of what the cache expression borrows
             // from: hold a handle of our own (an Arc clone).

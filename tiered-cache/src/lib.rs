@@ -123,7 +123,7 @@ pub use key::Key;
 pub use options::EntryOptions;
 pub use stats::StatsSnapshot;
 
-pub use global::{install, installed, try_installed};
+pub use global::{default_cache, install, scope};
 #[cfg(feature = "macros")]
 pub use tiered_cache_macros::cached;
 

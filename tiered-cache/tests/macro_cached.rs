@@ -2,7 +2,8 @@
 //! cached, which key an entry lands under. Every test counts body calls.
 //!
 //! Each test has its own functions and counters, so tests may run in
-//! parallel; only `installed_cache` touches the process-wide cache.
+//! parallel; none uses the process-wide default cache (`default_cache.rs`
+//! does).
 
 mod common;
 
@@ -396,30 +397,8 @@ async fn arc_returns_share_the_cached_value() {
     assert_eq!(second.bytes.len(), 64);
 }
 
-// ---------------------------------------------------------------- install
-
-static GLOBAL_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-#[cached(key = "global:{id}")]
-async fn global(id: u64) -> u64 {
-    GLOBAL_CALLS.fetch_add(1, SeqCst);
-    id + 1
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn installed_cache() {
-    // Before `install`: no panic, no error, just uncached.
-    assert_eq!(global(1).await, 2);
-    assert_eq!(global(1).await, 2);
-    assert_eq!(GLOBAL_CALLS.load(SeqCst), 2);
-
-    let (_server, cache) = setup().await;
-    tiered_cache::install(cache.clone());
-    assert_eq!(global(1).await, 2);
-    assert_eq!(global(1).await, 2);
-    assert_eq!(GLOBAL_CALLS.load(SeqCst), 3, "cached once installed");
-    assert_eq!(cache.get(&global_key(1)).await.as_deref(), Some(&2));
-}
+// The default cache (`install`, `scope`) is process-wide state: its tests
+// are in `default_cache.rs`, a binary of their own.
 
 // ---------------------------------------------------------------- concurrency
 

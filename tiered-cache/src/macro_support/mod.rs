@@ -28,7 +28,7 @@ pub use core::time::Duration;
 pub use std::any::type_name;
 pub use std::sync::{Arc, OnceLock};
 
-pub use crate::global::installed_for as installed;
+pub use crate::global::default_cache_for;
 pub use crate::{EntryOptions, Key, TieredCache};
 pub use load::{cached, Returns, Shape};
 pub use share::{ErrorShare, NoErrorShare, ResultParts, Share};
