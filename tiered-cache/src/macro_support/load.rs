@@ -10,6 +10,7 @@ use serde::Serialize;
 use core::convert::Infallible;
 
 use super::share::Share;
+use crate::flight::{Join, Leader};
 use crate::{EntryOptions, Key, LoadError, TieredCache};
 
 /// What a body yields to the read path: `Arc<V>` (always cached) or
@@ -182,7 +183,18 @@ struct Failed<E>(Option<E>);
 /// * this caller's own result when its body ran (an error is never shared
 ///   back through the cache, so the caller gets it by value);
 /// * a copy of the leader's error, for a waiter, when `share` allows;
-/// * otherwise the result of running (or finishing) its own body, uncached.
+/// * the answer of a body that a hard timeout cut off, once it finished;
+/// * otherwise the caller goes round again, and runs its own body when its
+///   turn comes.
+///
+/// **One body at a time per key.** A body runs only while its caller holds
+/// the key's *turn* (a flight of its own in the cache's table): the loader
+/// takes it before the body starts and the caller gives it up when the body
+/// has finished, even after a hard timeout cut the load off. So when
+/// waiters cannot use the leader's answer (an error that cannot be copied,
+/// a hard timeout) they wait for the body still running, take its answer
+/// if they can, or else take turns: a failing database sees one query per
+/// key at a time, not one per caller.
 pub async fn cached<V, R, F, Fut>(
     cache: &TieredCache,
     key: &Key<V>,
@@ -201,6 +213,63 @@ where
     R::join(load(cache, key, options, share, body).await)
 }
 
+/// What the holder of a key's turn leaves for the callers that waited on it.
+enum Answer<V, E> {
+    Value(Option<Arc<V>>),
+    Error(E),
+    Nothing,
+}
+
+/// The turn's flight result (the flight table wants `Clone`).
+type Turn<V, E> = Arc<Answer<V, E>>;
+
+impl<V, E> Answer<V, E> {
+    fn of<S: Shape<V>>(own: &Result<S, E>, share: Share<E>) -> Self {
+        match (own, share) {
+            (Ok(value), _) => Answer::Value(value.clone().into_cached()),
+            (Err(e), Some(copy)) => Answer::Error(copy(e)),
+            (Err(_), None) => Answer::Nothing,
+        }
+    }
+
+    fn to_result<S: Shape<V>>(&self, share: Share<E>) -> Option<Result<S, E>> {
+        match (self, share) {
+            (Answer::Value(value), _) => S::from_cached(value.clone()).map(Ok),
+            (Answer::Error(e), Some(copy)) => Some(Err(copy(e))),
+            _ => None,
+        }
+    }
+}
+
+/// Takes `key`'s turn, after the body that holds it (if any) has finished.
+async fn take_turn<V, E>(cache: &TieredCache, key: &str) -> Leader
+where
+    V: Send + Sync + 'static,
+    E: Send + Sync + 'static,
+{
+    loop {
+        match cache.inner.flights.join::<Turn<V, E>>(key) {
+            Join::Leader(turn) => return turn,
+            Join::Waiter(waiter) => {
+                let _ = waiter.wait::<Turn<V, E>>().await;
+            }
+        }
+    }
+}
+
+/// The answer of the body that holds `key`'s turn, once it finishes; `None`
+/// when no body runs or it left nothing usable.
+async fn turn_answer<V, E>(cache: &TieredCache, key: &str) -> Option<Turn<V, E>>
+where
+    V: Send + Sync + 'static,
+    E: Send + Sync + 'static,
+{
+    match cache.inner.flights.join::<Turn<V, E>>(key) {
+        Join::Leader(_) => None,
+        Join::Waiter(waiter) => waiter.wait::<Turn<V, E>>().await,
+    }
+}
+
 async fn load<V, E, S, Fut>(
     cache: &TieredCache,
     key: &Key<V>,
@@ -215,42 +284,64 @@ where
     Fut: Future<Output = Result<S, E>>,
 {
     let mut body = std::pin::pin!(body);
-    let mut outcome: Option<Result<S, E>> = None;
-    let result = {
-        let (body, outcome) = (&mut body, &mut outcome);
-        let loader = move || async move {
-            match body.as_mut().await {
-                Ok(value) => {
-                    let cached = value.clone().into_cached();
-                    *outcome = Some(Ok(value));
-                    Ok(cached)
+    loop {
+        let mut outcome: Option<Result<S, E>> = None;
+        // Held from before this caller's body starts until it has finished.
+        let mut turn: Option<Leader> = None;
+        let result = {
+            let (body, outcome, turn) = (&mut body, &mut outcome, &mut turn);
+            let loader = move || async move {
+                *turn = Some(take_turn::<V, E>(cache, key.as_str()).await);
+                match body.as_mut().await {
+                    Ok(value) => {
+                        let cached = value.clone().into_cached();
+                        *outcome = Some(Ok(value));
+                        Ok(cached)
+                    }
+                    Err(e) => {
+                        let for_waiters = share.map(|copy| copy(&e));
+                        *outcome = Some(Err(e));
+                        Err(Failed(for_waiters))
+                    }
                 }
-                Err(e) => {
-                    let for_waiters = share.map(|copy| copy(&e));
-                    *outcome = Some(Err(e));
-                    Err(Failed(for_waiters))
-                }
-            }
+            };
+            cache
+                .load_inline::<V, crate::Postcard, Failed<E>, _, _>(
+                    key,
+                    options,
+                    S::NEGATIVES,
+                    loader,
+                )
+                .await
         };
-        cache
-            .load_inline::<V, crate::Postcard, Failed<E>, _, _>(key, options, S::NEGATIVES, loader)
-            .await
-    };
-    match result {
-        Ok(value) => {
-            if let Some(value) = S::from_cached(value) {
-                return Ok(value);
+        let served = match result {
+            Ok(value) => S::from_cached(value).map(Ok),
+            Err(LoadError::Loader(failed)) if turn.is_none() => match (share, &failed.0) {
+                (Some(copy), Some(e)) => Some(Err(copy(e))),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        if let Some(turn) = turn {
+            // This caller's body ran, or started and was cut off by a hard
+            // timeout: finish it, then hand its answer to whoever waits.
+            let answer = match (served, outcome) {
+                (Some(served), _) => served,
+                (None, Some(own)) => own,
+                (None, None) => body.as_mut().await,
+            };
+            turn.finish::<Turn<V, E>>(Arc::new(Answer::of(&answer, share)));
+            return answer;
+        }
+        if let Some(served) = served {
+            return served;
+        }
+        // Nothing usable from the read path: the body that failed or timed
+        // out may still be running; take its answer, or go round again.
+        if let Some(answer) = turn_answer::<V, E>(cache, key.as_str()).await {
+            if let Some(result) = answer.to_result(share) {
+                return result;
             }
         }
-        Err(LoadError::Loader(failed)) if outcome.is_none() => {
-            if let (Some(copy), Some(e)) = (share, &failed.0) {
-                return Err(copy(e));
-            }
-        }
-        Err(_) => {}
-    }
-    match outcome {
-        Some(own) => own,
-        None => body.await,
     }
 }

@@ -31,7 +31,7 @@ pub use std::sync::{Arc, OnceLock};
 pub use crate::global::default_cache_for;
 pub use crate::{EntryOptions, Key, TieredCache};
 pub use load::{cached, Returns, Shape};
-pub use share::{ErrorShare, NoErrorShare, ResultParts, Share};
+pub use share::{ErrorShare, NoErrorShare, ResultParts, Share, SharedError, WrapErrorShare};
 
 /// The options every call starts from: the cache's defaults.
 pub fn entry_options() -> EntryOptions {
