@@ -52,9 +52,8 @@ pub(crate) enum Mode {
 /// What the declared return type means for caching.
 pub(crate) struct Output {
     pub(crate) mode: Mode,
-    /// The cached type is written `Arc<V>`: hits clone the `Arc`, not `V`.
-    pub(crate) arc: bool,
-    /// `V` in `Key<V>`.
+    /// `V` in `Key<V>` (without the `Arc` of an `Arc<V>`: hits then clone
+    /// the `Arc`, not `V`).
     pub(crate) value: Type,
     pub(crate) ret: Type,
 }
@@ -338,13 +337,7 @@ fn output(sig: &Signature) -> syn::Result<Output> {
     let arc = generic_arg(inner, "Arc", 1..=1);
     let value = arc.unwrap_or(inner).clone();
     unsupported(&value)?;
-    let arc = arc.is_some();
-    Ok(Output {
-        mode,
-        arc,
-        value,
-        ret,
-    })
+    Ok(Output { mode, value, ret })
 }
 
 /// The first type argument of `Name<..>` (the last path segment is `Name`,
@@ -558,24 +551,27 @@ mod tests {
     #[test]
     fn modes_and_arc() {
         use Mode::*;
-        for (ret, mode, arc) in [
-            ("P", Plain, false),
-            ("Arc<P>", Plain, true),
-            ("std::sync::Arc<P>", Plain, true),
-            ("Vec<P>", Plain, false),
-            ("Option<P>", Option, false),
-            ("Option<Arc<P>>", Option, true),
-            ("Result<P, E>", Result, false),
-            ("anyhow::Result<P>", Result, false),
-            ("Result<Arc<P>, E>", Result, true),
-            ("AppResult<Option<P>>", ResultOption, false),
-            ("Result<Option<Arc<P>>, E>", ResultOption, true),
+        for (ret, mode) in [
+            ("P", Plain),
+            ("Arc<P>", Plain),
+            ("std::sync::Arc<P>", Plain),
+            ("Option<P>", Option),
+            ("Option<Arc<P>>", Option),
+            ("Result<P, E>", Result),
+            ("anyhow::Result<P>", Result),
+            ("Result<Arc<P>, E>", Result),
+            ("AppResult<Option<P>>", ResultOption),
+            ("Result<Option<Arc<P>>, E>", ResultOption),
         ] {
             let out = check("", &format!("async fn f() -> {ret} {{}}"))
                 .unwrap()
                 .output;
-            assert_eq!((out.mode, out.arc), (mode, arc), "{ret}");
+            let value = out.value.to_token_stream().to_string();
+            assert_eq!((out.mode, value.as_str()), (mode, "P"), "{ret}");
         }
+        let out = check("", "async fn f() -> Vec<P> {}").unwrap().output;
+        assert_eq!(out.mode, Plain);
+        assert_eq!(out.value.to_token_stream().to_string(), "Vec < P >");
     }
 
     #[test]

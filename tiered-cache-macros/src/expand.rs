@@ -7,10 +7,10 @@
 //! async fn f(params) -> R {
 //!     let key = <Key<V> from the template>;        // built from &params
 //!     let opts = <EntryOptions>;                    // a static when constant
-//!     let cache = <Option<&TieredCache>>;
+//!     let cache = <Option<&TieredCache>>;            // `cache = ..`, else scope, else install
 //!     let body = move || async move { <fake return edge> <original body> };
 //!     match cache {
-//!         Some(cache) => __private::cached_<mode>(cache, &key, opts, [share,] body).await,
+//!         Some(cache) => __private::cached(cache, &key, opts, share, body).await,
 //!         None => body().await,
 //!     }
 //! }
@@ -202,9 +202,12 @@ impl Gen<'_> {
         };
 
         let cache_init = match plan.args.cache.as_ref().map(|c| &c.value) {
+            // The scoped or installed cache (a `Cow`: a handle of our own
+            // only for a scoped one).
             None => quote! {
-                let #cache: #p::Option<&#p::TieredCache> =
-                    #p::installed(::core::concat!(::core::module_path!(), "::", #fn_name));
+                let #holder =
+                    #p::default_cache_for(::core::concat!(::core::module_path!(), "::", #fn_name));
+                let #cache: #p::Option<&#p::TieredCache> = #p::Option::as_deref(&#holder);
             },
             // The body takes ownership of what the cache expression borrows
             // from: hold a handle of our own (an Arc clone).
@@ -238,36 +241,27 @@ impl Gen<'_> {
             }
         };
 
-        let helper = match out.mode {
-            Mode::Plain => "cached_value",
-            Mode::Option => "cached_option",
-            Mode::Result => "cached_result",
-            Mode::ResultOption => "cached_result_option",
-        };
-        let helper = if out.arc {
-            format!("{helper}_arc")
-        } else {
-            helper.to_string()
-        };
         // Bound errors (`Serialize`, `Clone`, `Send`) point at the return
         // type: every token of the call is located there, all in one
         // hygiene context (mixing contexts would make rustc fall back to
         // the attribute's span for the whole expression).
         let at = Span::mixed_site().located_at(ret_span);
-        let helper = Ident::new(&helper, at);
         let rp = respan(p.clone(), at);
-        let share = matches!(out.mode, Mode::Result | Mode::ResultOption).then(|| {
-            quote_spanned!(at=>
-                #rp::ErrorShare::<<#ret as #rp::ResultParts>::Err>::new().share(),
-            )
-        });
+        // Whether waiters can share a failed load's error: a probe that
+        // needs the concrete error type, so it is made here.
+        let share = match out.mode {
+            Mode::Result | Mode::ResultOption => quote_spanned!(at=>
+                #rp::ErrorShare::<<#ret as #rp::ResultParts>::Err>::new().share()
+            ),
+            Mode::Plain | Mode::Option => quote_spanned!(at=> #rp::Option::None),
+        };
         let [found_r, key_r, opts_r, body_r] = [&found, &key, &opts, &body].map(|i| {
             let mut i = i.clone();
             i.set_span(at);
             i
         });
         let call = quote_spanned! {at=>
-            #rp::#helper(#found_r, &#key_r, #opts_r, #share #body_r).await
+            #rp::cached(#found_r, &#key_r, #opts_r, #share, #body_r).await
         };
 
         let dispatch = quote! {
@@ -397,7 +391,7 @@ mod tests {
         assert_eq!(file.items.len(), 2, "function + key builder");
         assert!(!out.contains(" use "), "no `use` in generated code");
         assert!(out.contains("fn get_product_key (id : u64 , cat : u32) -> :: tiered_cache :: __private :: Key < Product >"), "{out}");
-        assert!(out.contains("__private :: cached_result (") && out.contains("ErrorShare"));
+        assert!(out.contains("__private :: cached (") && out.contains("ErrorShare"));
         assert!(out.contains("Duration :: new (1800u64 , 0u32)"));
         // tags with a placeholder are rendered per call: no static options
         assert!(!out.contains("OnceLock"));
@@ -410,7 +404,7 @@ mod tests {
             "async fn f(id: u64) -> Option<Arc<T>> { None }",
         );
         assert!(out.contains("OnceLock") && out.contains("1f64"), "{out}");
-        assert!(out.contains("__private :: cached_option_arc (") && !out.contains("ErrorShare"));
+        assert!(out.contains("__private :: cached (") && !out.contains("ErrorShare"));
     }
 
     #[test]

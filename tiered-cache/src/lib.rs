@@ -123,12 +123,12 @@ pub use key::Key;
 pub use options::EntryOptions;
 pub use stats::StatsSnapshot;
 
-pub use global::{install, installed, try_installed};
+pub use global::{default_cache, install, scope};
 #[cfg(feature = "macros")]
 pub use tiered_cache_macros::cached;
 
 #[doc(hidden)]
-#[path = "private.rs"]
+#[path = "macro_support/mod.rs"]
 pub mod __private;
 
 /// The `#[cached]` documentation's examples, compiled and run as doctests

@@ -2,7 +2,8 @@
 //! cached, which key an entry lands under. Every test counts body calls.
 //!
 //! Each test has its own functions and counters, so tests may run in
-//! parallel; only `installed_cache` touches the process-wide cache.
+//! parallel; none uses the process-wide default cache (`default_cache.rs`
+//! does).
 
 mod common;
 
@@ -396,30 +397,8 @@ async fn arc_returns_share_the_cached_value() {
     assert_eq!(second.bytes.len(), 64);
 }
 
-// ---------------------------------------------------------------- install
-
-static GLOBAL_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-#[cached(key = "global:{id}")]
-async fn global(id: u64) -> u64 {
-    GLOBAL_CALLS.fetch_add(1, SeqCst);
-    id + 1
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn installed_cache() {
-    // Before `install`: no panic, no error, just uncached.
-    assert_eq!(global(1).await, 2);
-    assert_eq!(global(1).await, 2);
-    assert_eq!(GLOBAL_CALLS.load(SeqCst), 2);
-
-    let (_server, cache) = setup().await;
-    tiered_cache::install(cache.clone());
-    assert_eq!(global(1).await, 2);
-    assert_eq!(global(1).await, 2);
-    assert_eq!(GLOBAL_CALLS.load(SeqCst), 3, "cached once installed");
-    assert_eq!(cache.get(&global_key(1)).await.as_deref(), Some(&2));
-}
+// The default cache (`install`, `scope`) is process-wide state: its tests
+// are in `default_cache.rs`, a binary of their own.
 
 // ---------------------------------------------------------------- concurrency
 
@@ -482,6 +461,117 @@ async fn a_failed_load_reaches_every_waiter() {
         assert_eq!(answer, Err(DbError("down")));
     }
     assert!(OWN_ERR_CALLS.load(SeqCst) >= 1);
+}
+
+// One body at a time when waiters cannot share the error: a failing
+// database gets one query per key at a time, not one per caller.
+
+static TURN_RUNNING: AtomicUsize = AtomicUsize::new(0);
+static TURN_MAX: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts the bodies running at once in `TURN_MAX`.
+async fn counted<T>(running: &AtomicUsize, max: &AtomicUsize, answer: T) -> T {
+    let now = running.fetch_add(1, SeqCst) + 1;
+    max.fetch_max(now, SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    running.fetch_sub(1, SeqCst);
+    answer
+}
+
+#[derive(Debug, PartialEq)]
+struct NotCloneError(u64);
+
+#[cached(key = "turns:{id}", cache = cache)]
+async fn turns(cache: &TieredCache, id: u64) -> Result<Product, NotCloneError> {
+    counted(&TURN_RUNNING, &TURN_MAX, Err(NotCloneError(id))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_an_unshareable_error_take_turns() {
+    let (_server, cache) = setup().await;
+    let answers = concurrently(&cache, 16, |c| async move { turns(&c, 1).await }).await;
+    for answer in answers {
+        assert_eq!(
+            answer,
+            Err(NotCloneError(1)),
+            "each caller gets its own error"
+        );
+    }
+    assert_eq!(TURN_MAX.load(SeqCst), 1, "never two bodies at once");
+}
+
+static BOXED_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Debug)]
+struct Outage(std::io::Error);
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the database is down")
+    }
+}
+
+impl std::error::Error for Outage {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[cached(key = "boxed:{id}", cache = cache)]
+async fn boxed(cache: &TieredCache, id: u64) -> Result<Product, BoxError> {
+    BOXED_CALLS.fetch_add(1, SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+    Err(Outage(refused).into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boxed_error_is_shared_with_the_waiters() {
+    let (_server, cache) = setup().await;
+    // On one task: with a `dyn` error type, rustc cannot prove the
+    // future `Send` ("implementation of `Send` is not general enough").
+    let calls = (0..16).map(|_| async {
+        let e = boxed(&cache, 1).await.unwrap_err();
+        (e.to_string(), e.source().map(ToString::to_string))
+    });
+    for (message, source) in futures_util::future::join_all(calls).await {
+        assert_eq!(message, "the database is down");
+        assert_eq!(source.as_deref(), Some("refused"), "the chain is kept");
+    }
+    assert_eq!(BOXED_CALLS.load(SeqCst), 1, "one load for 16 callers");
+}
+
+static SLOW_HERD_RUNNING: AtomicUsize = AtomicUsize::new(0);
+static SLOW_HERD_MAX: AtomicUsize = AtomicUsize::new(0);
+static SLOW_HERD_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(key = "slow-herd:{n}", cache = cache)]
+async fn slow_herd(cache: &TieredCache, n: u64) -> u64 {
+    SLOW_HERD_CALLS.fetch_add(1, SeqCst);
+    counted(&SLOW_HERD_RUNNING, &SLOW_HERD_MAX, n).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_hard_timeout_get_the_finished_body() {
+    let server = RedisServer::start().unwrap();
+    let cache = builder_on(&server, "t")
+        .default_options(
+            tiered_cache::EntryOptions::default()
+                .hard_timeout(std::time::Duration::from_millis(30)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let answers = concurrently(&cache, 16, |c| async move { slow_herd(&c, 7).await }).await;
+    assert!(answers.iter().all(|a| *a == 7), "{answers:?}");
+    assert_eq!(SLOW_HERD_MAX.load(SeqCst), 1, "never two bodies at once");
+    assert_eq!(
+        SLOW_HERD_CALLS.load(SeqCst),
+        1,
+        "the waiters get the body that the timeout cut off, once it finished"
+    );
 }
 
 // ---------------------------------------------------------------- hard timeout
