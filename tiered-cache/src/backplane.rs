@@ -32,6 +32,7 @@
 //! Publishing goes through the L2 tier's multiplexed connection, under its
 //! timeout and error accounting.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,11 +94,43 @@ pub(crate) struct Local {
 pub(crate) struct Backplane {
     tx: mpsc::UnboundedSender<Event>,
     subscriber: JoinHandle<()>,
+    /// Set when the cache drops its backplane: the subscriber's end is
+    /// then expected, not a runtime that shut down under it.
+    closing: Arc<AtomicBool>,
 }
 
 impl Drop for Backplane {
     fn drop(&mut self) {
+        self.closing.store(true, Ordering::SeqCst);
         self.subscriber.abort();
+    }
+}
+
+/// Lives inside the subscriber task. The task ends only when the cache
+/// drops its backplane, or when the runtime it was spawned on shuts down
+/// (a cache built inside a temporary `Runtime::block_on`, or a per-test
+/// runtime). In the second case nothing keeps this instance's L1 and tag
+/// versions current any more: it stops trusting them, as after a lost
+/// subscription, for good.
+struct StoppedGuard {
+    local: Local,
+    closing: Arc<AtomicBool>,
+}
+
+impl Drop for StoppedGuard {
+    fn drop(&mut self) {
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        self.local.tags.set_live(false);
+        self.local.tags.forget_all();
+        if let Some(l1) = &self.local.l1 {
+            l1.clear();
+        }
+        self.local.stats.backplane_gaps.incr();
+        tracing::warn!(
+            "the backplane stopped: the tokio runtime the cache was built on shut down; this instance no longer hears other instances' invalidations (its L1 serves entries up to l1_ttl_cap, and reads check tag versions in Redis). Build the cache on the runtime that uses it"
+        );
     }
 }
 
@@ -120,11 +153,23 @@ impl Backplane {
             local,
             timeout: l2.timeout().max(Duration::from_millis(500)),
         };
-        let subscriber = tokio::spawn(subscriber.run(ready_tx));
+        let closing = Arc::new(AtomicBool::new(false));
+        let guard = StoppedGuard {
+            local: subscriber.local.clone(),
+            closing: Arc::clone(&closing),
+        };
+        let subscriber = tokio::spawn(async move {
+            let _guard = guard;
+            subscriber.run(ready_tx).await;
+        });
         if !wait.is_zero() {
             let _ = tokio::time::timeout(wait, ready_rx).await;
         }
-        Backplane { tx, subscriber }
+        Backplane {
+            tx,
+            subscriber,
+            closing,
+        }
     }
 
     /// Queues `event` for the other instances. Never waits.

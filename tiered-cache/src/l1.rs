@@ -81,16 +81,65 @@ struct Floors {
 
 #[derive(Debug, Default)]
 struct FloorMaps {
-    versions: HashMap<Arc<str>, u64>,
+    /// Per tag: the floor version, and when it was last raised.
+    versions: HashMap<Arc<str>, (u64, Instant)>,
     cuts: HashMap<Arc<str>, Instant>,
+    /// Every entry with a tag (other than the namespace epoch) built at or
+    /// before this is a miss: what stands in for the floors and cuts let go
+    /// to keep the table bounded.
+    all_tags_cut: Option<Instant>,
+}
+
+/// Most floors and cuts kept. Per-entity tags (`user:{id}`) would grow the
+/// table with every distinct tag invalidated; past this, the oldest half is
+/// let go and replaced by one cut over every tagged entry built before it
+/// (a few needless misses, never a stale hit).
+const MAX_FLOORS: usize = 10_000;
+
+impl FloorMaps {
+    fn len(&self) -> usize {
+        self.versions.len() + self.cuts.len()
+    }
+
+    /// Keeps the table within [`MAX_FLOORS`].
+    fn bound(&mut self) {
+        if self.len() <= MAX_FLOORS {
+            return;
+        }
+        let mut times: Vec<Instant> = self.versions.values().map(|(_, at)| *at).collect();
+        times.extend(self.cuts.values().copied());
+        let middle = times.len() / 2;
+        let (_, &mut cut, _) = times.select_nth_unstable(middle);
+        self.versions.retain(|_, (_, at)| *at > cut);
+        self.cuts.retain(|_, at| *at > cut);
+        self.all_tags_cut = Some(self.all_tags_cut.map_or(cut, |c| c.max(cut)));
+    }
+
+    fn outdate(&self, entry: &L1Entry) -> bool {
+        let below = |tag: &Arc<str>, version: &u64| {
+            self.versions
+                .get(tag)
+                .is_some_and(|(floor, _)| version < floor)
+                || self.cuts.get(tag).is_some_and(|cut| entry.built <= *cut)
+                || (self.all_tags_cut.is_some_and(|cut| entry.built <= cut)
+                    && &**tag != crate::tags::EPOCH_TAG)
+        };
+        entry
+            .meta
+            .tags
+            .iter()
+            .any(|(tag, version)| below(tag, version))
+    }
 }
 
 impl Floors {
     fn raise(&self, tag: &str, version: u64) {
         {
             let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
-            let floor = floors.versions.entry(Arc::from(tag)).or_insert(0);
-            *floor = (*floor).max(version);
+            let now = Instant::now();
+            let floor = floors.versions.entry(Arc::from(tag)).or_insert((0, now));
+            *floor = (floor.0.max(version), now);
+            floors.bound();
         }
         self.generation.fetch_add(1, SeqCst);
     }
@@ -100,6 +149,7 @@ impl Floors {
             let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
             let cut = floors.cuts.entry(Arc::from(tag)).or_insert(at);
             *cut = (*cut).max(at);
+            floors.bound();
         }
         self.generation.fetch_add(1, SeqCst);
     }
@@ -111,19 +161,15 @@ impl Floors {
 
     fn outdate(&self, entry: &L1Entry) -> bool {
         let floors = self.floors.read().unwrap_or_else(PoisonError::into_inner);
-        let below = |tag: &Arc<str>, version: &u64| {
-            floors
-                .versions
-                .get(tag)
-                .is_some_and(|floor| version < floor)
-                || floors.cuts.get(tag).is_some_and(|cut| entry.built <= *cut)
-        };
-        !(floors.versions.is_empty() && floors.cuts.is_empty())
-            && entry
-                .meta
-                .tags
-                .iter()
-                .any(|(tag, version)| below(tag, version))
+        (floors.len() > 0 || floors.all_tags_cut.is_some()) && floors.outdate(entry)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.floors
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
@@ -559,6 +605,40 @@ mod tests {
         l1.replace("k", Arc::clone(&written)).await;
         assert!(!l1.insert_since("k", entry(&l1, "k"), ticket).await);
         assert!(Arc::ptr_eq(&l1.get("k").await.unwrap(), &written));
+    }
+
+    /// A million distinct tags invalidated: the floors stay bounded, and an
+    /// entry of a tag whose floor was let go is still a miss; entries built
+    /// after are hits.
+    #[tokio::test]
+    async fn floors_stay_bounded_and_letting_go_is_safe() {
+        let l1 = L1::new(1 << 20, None);
+        let tagged = |tag: &str, version| Meta {
+            tags: vec![(Arc::from(tag), version)].into(),
+            ..Meta::default()
+        };
+        let ttl = Duration::from_secs(300);
+        let value: AnyValue = Arc::new(0_u32);
+        l1.insert(
+            "old",
+            l1.entry("old", Some(value.clone()), tagged("t0", 1), ttl, ttl, 4),
+        )
+        .await;
+        l1.floors.raise("t0", 2);
+        for i in 1..1_000_000_u64 {
+            l1.floors.raise(&format!("user:{i}"), 2);
+        }
+        assert!(l1.floors.len() <= MAX_FLOORS, "{}", l1.floors.len());
+        assert!(
+            l1.get("old").await.is_none(),
+            "its floor was let go: still a miss"
+        );
+        l1.insert(
+            "new",
+            l1.entry("new", Some(value), tagged("t0", 2), ttl, ttl, 4),
+        )
+        .await;
+        assert!(l1.get("new").await.is_some(), "built after: a hit");
     }
 
     #[tokio::test]

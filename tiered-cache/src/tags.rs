@@ -47,7 +47,7 @@
 //! start with a NUL character are reserved for this.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::entry::TagStamp;
@@ -57,10 +57,24 @@ use crate::l2::L2;
 /// The implicit tag of every entry; `clear()` bumps it.
 pub(crate) const EPOCH_TAG: &str = "\0ns";
 
+/// Most tag versions an instance keeps. Per-entity tags (`user:{id}`)
+/// would grow the table with every distinct tag seen; past this it is
+/// forgotten (with Redis, forgotten versions are read again when needed;
+/// without, see [`TagVersions::forgotten`]).
+const MAX_KNOWN: usize = 100_000;
+
 /// The tag versions this instance knows.
 #[derive(Debug)]
 pub(crate) struct TagVersions {
     known: RwLock<HashMap<Arc<str>, u64>>,
+    /// Without Redis, the highest version forgotten when the table was
+    /// let go: an unknown tag counts as at this version, so entries stamped
+    /// before read as stale (a few needless misses) and new stamps and
+    /// bumps stay above every older one. With Redis: always 0, as unknown
+    /// versions are read from Redis.
+    forgotten: AtomicU64,
+    /// No Redis: this table is all there is.
+    local_only: bool,
     /// Whether `known` is kept current by the backplane (or needs no
     /// keeping, without Redis). When false, versions are re-read from Redis
     /// before they are relied on.
@@ -79,8 +93,17 @@ impl TagVersions {
     pub(crate) fn new(live: bool) -> Self {
         TagVersions {
             known: RwLock::default(),
+            forgotten: AtomicU64::new(0),
+            local_only: live,
             live: AtomicBool::new(live),
         }
+    }
+
+    /// The version of `tag` to use: known, or (unknown) what the table has
+    /// forgotten, 0 with Redis.
+    fn version_or_floor(&self, tag: &str) -> u64 {
+        self.known(tag)
+            .unwrap_or_else(|| self.forgotten.load(Ordering::SeqCst))
     }
 
     /// Marks the table as kept current (subscribed) or not (subscription lost).
@@ -111,6 +134,13 @@ impl TagVersions {
             return false;
         }
         let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+        if known.len() >= MAX_KNOWN && !known.contains_key(tag) {
+            if self.local_only {
+                let highest = known.values().copied().max().unwrap_or(0);
+                self.forgotten.fetch_max(highest, Ordering::SeqCst);
+            }
+            known.clear();
+        }
         let slot = known.entry(Arc::from(tag)).or_insert(0);
         let news = *slot < version;
         *slot = (*slot).max(version);
@@ -133,7 +163,7 @@ impl TagVersions {
     /// True when no stamp is older than the version this instance knows.
     pub(crate) fn judge(&self, stamps: &[TagStamp]) -> bool {
         stamps.iter().all(|(tag, stamp)| {
-            let known = self.known(tag).unwrap_or(0);
+            let known = self.version_or_floor(tag);
             if *stamp > known {
                 self.observe(tag, *stamp);
             }
@@ -166,7 +196,7 @@ impl TagVersions {
             self.fetch(&unvouched, l2).await;
         }
         names()
-            .map(|tag| (Arc::from(tag), self.known(tag).unwrap_or(0)))
+            .map(|tag| (Arc::from(tag), self.version_or_floor(tag)))
             .collect()
     }
 
@@ -200,7 +230,7 @@ impl TagVersions {
                 .bump_tag(&tag_key(tag))
                 .await
                 .map_err(crate::l2::L2Fault::into_error)?,
-            None => self.known(tag).unwrap_or(0) + 1,
+            None => self.version_or_floor(tag) + 1,
         };
         self.observe(tag, version);
         Ok(version)
@@ -226,6 +256,28 @@ mod tests {
         assert!(t.judge(&[(Arc::from("a"), 5)]));
         assert_eq!(t.known("a"), Some(5));
         assert!(!t.observe("a", 4));
+    }
+
+    /// A million distinct tags: the table stays bounded, and without Redis
+    /// a forgotten tag never makes an entry stamped before look current.
+    #[test]
+    fn the_table_stays_bounded_and_forgetting_is_safe() {
+        let t = TagVersions::default();
+        t.observe("first", 3);
+        let old_stamp: TagStamp = (Arc::from("first"), 2);
+        assert!(!t.judge(std::slice::from_ref(&old_stamp)));
+        for i in 0..1_000_000_u64 {
+            t.observe(&format!("user:{i}"), i % 7 + 1);
+        }
+        assert!(t.known.read().unwrap().len() <= MAX_KNOWN);
+        assert!(!t.judge(&[old_stamp]), "forgotten, still stale");
+        let fresh = t
+            .known("first")
+            .map_or(t.forgotten.load(Ordering::SeqCst), |v| v);
+        assert!(
+            t.judge(&[(Arc::from("first"), fresh)]),
+            "a new stamp is current"
+        );
     }
 
     #[test]

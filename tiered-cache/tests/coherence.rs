@@ -666,3 +666,42 @@ async fn caches_on_two_databases_of_one_redis_never_touch_each_other() {
     assert_eq!(after.invalidations_received, 0, "{after:?}");
     assert_eq!(zero.get(&tagged).await, None, "DB 0's own entries are gone");
 }
+
+/// A cache built inside a runtime that then shuts down (a temporary
+/// `Runtime::block_on`, a per-test runtime) loses its backplane tasks. It
+/// must notice and stop trusting its tag versions, instead of judging
+/// entries by versions nobody keeps current any more.
+#[test]
+fn a_cache_whose_runtime_shut_down_stops_trusting_its_tag_versions() {
+    let server = server();
+    let opts = || EntryOptions::secs(300).tag("items");
+    let first = tokio::runtime::Runtime::new().expect("runtime");
+    let a = first.block_on(instance(&server, "rt-gone"));
+    drop(first); // the backplane's tasks are gone with it
+
+    let second = tokio::runtime::Runtime::new().expect("runtime");
+    second.block_on(async {
+        let b = instance(&server, "rt-gone").await;
+        b.set(&item(1), 1, &opts()).await.expect("set");
+        // A learns the tag's version by reading an entry stamped with it
+        // (its connection to Redis, driven by the first runtime, reconnects
+        // on this one after a failed command).
+        let deadline = Instant::now() + HANG;
+        while a.get(&item(1)).await.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "A never reads Redis again: {:?}",
+                a.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        b.set(&item(2), 2, &opts()).await.expect("set"); // stamped like item 1
+        b.invalidate_tag("items").await.expect("invalidate_tag"); // A hears nothing
+        assert_eq!(
+            a.get(&item(2)).await,
+            None,
+            "judged by the version in Redis"
+        );
+        assert!(a.stats().backplane_gaps >= 1, "{:?}", a.stats());
+    });
+}

@@ -53,3 +53,36 @@ async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
     let after = cache.stats();
     assert_eq!(after.l1_hits - before.l1_hits, 10, "{after:?}");
 }
+
+/// Per-entity tags (`user:{id}`): more distinct tags invalidated than L1
+/// keeps floors for. The tables stay bounded (unit tests in l1.rs and
+/// tags.rs count them with a million tags); here, against Redis, what
+/// matters to a user: an entry of an early-invalidated tag stays a miss,
+/// and entries written afterwards are L1 hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_distinct_tags_stay_correct_as_the_tables_are_bounded() {
+    let server = server();
+    let cache = builder_on(&server, "tags-many")
+        .build()
+        .await
+        .expect("build");
+    let user = |id: u64| EntryOptions::new(Duration::from_secs(300)).tag(format!("user:{id}"));
+    cache.set(&item(0), 0, &user(0)).await.expect("set");
+    for id in 0..12_000 {
+        cache
+            .invalidate_tag(&format!("user:{id}"))
+            .await
+            .expect("invalidate_tag");
+    }
+    assert_eq!(
+        cache.get(&item(0)).await,
+        None,
+        "invalidated first, still a miss"
+    );
+    cache.set(&item(1), 1, &user(1)).await.expect("set");
+    let before = cache.stats();
+    for _ in 0..10 {
+        assert_eq!(cache.get(&item(1)).await.as_deref(), Some(&1));
+    }
+    assert_eq!(cache.stats().l1_hits - before.l1_hits, 10);
+}
