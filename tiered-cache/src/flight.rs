@@ -111,6 +111,13 @@ impl Leader {
         }
     }
 
+    /// Publishes the result to every waiter, and to callers who join from
+    /// now on, while the flight stays open (its result is being stored):
+    /// dropping the leader then ends it.
+    pub(crate) fn publish<T: Send + Sync + 'static>(&self, result: T) {
+        self.tx.send_replace(Some(Arc::new(result)));
+    }
+
     /// Publishes the result to every waiter and ends the flight.
     pub(crate) fn finish<T: Send + Sync + 'static>(self, result: T) {
         self.flights.remove_if_ours(&self.key, self.id);

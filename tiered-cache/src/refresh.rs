@@ -26,7 +26,7 @@ use crate::flight::{Leader, Waiter};
 use crate::l1::{AnyValue, L1Entry};
 use crate::loader::Load;
 use crate::options::{EntryOptions, Resolved};
-use crate::tiers::{typed, Claim, Origin};
+use crate::tiers::{prepare, typed, Claim, Origin, Prepared};
 
 /// `-ln(rand)` exceeds this with probability e^-12 (about 6 in a million), so
 /// entries further than `delta * beta * CUTOFF` from expiry skip the random
@@ -220,6 +220,32 @@ impl TieredCache {
         opts
     }
 
+    /// Stores a load's result, waiting at most what is left of the call's
+    /// L2 budget (`l2_timeout`, less what reading Redis took before the
+    /// load): a slow Redis write goes on in the background, so no caller
+    /// waits on Redis longer than one `l2_timeout`. The flight stays open,
+    /// its result published, until the store is done: callers in between
+    /// get the result instead of loading again.
+    async fn store_within_budget(
+        &self,
+        key: &str,
+        prepared: Prepared,
+        leader: Leader,
+        claim: Claim,
+    ) {
+        let budget = match &self.inner.tiers.l2 {
+            Some(l2) => claim.budget_left(l2.timeout()),
+            None => Duration::MAX, // L1 only: nothing slow to wait for
+        };
+        let this = self.clone();
+        let key = key.to_owned();
+        let store = tokio::spawn(async move {
+            this.inner.tiers.commit(&key, prepared).await;
+            drop(leader);
+        });
+        let _ = tokio::time::timeout(budget, store).await;
+    }
+
     /// Before an early refresh calls its loader: another instance may have
     /// refreshed the entry already (N replicas would otherwise load a hot
     /// key N times per TTL). A fresher entry in Redis is promoted and its
@@ -361,34 +387,26 @@ impl TieredCache {
         };
         let took = started.elapsed();
         let origin = Origin::Load(claim);
+        let mut prepared = None;
         let outcome: Outcome<V, E> = match loaded {
             Ok(Ok(Some(value))) => {
-                let typed_value = Some(&*value);
                 let erased: AnyValue = value.clone();
                 let ttl = opts.ttl;
-                let _ = self
-                    .inner
-                    .tiers
-                    .store::<V, C>(
-                        key,
-                        typed_value,
-                        Some(&erased),
-                        &opts,
-                        stamps,
-                        took,
-                        ttl,
-                        origin,
-                    )
-                    .await;
+                prepared = prepare::<V, C>(
+                    Some(&*value),
+                    Some(&erased),
+                    &opts,
+                    stamps,
+                    took,
+                    ttl,
+                    origin,
+                )
+                .ok();
                 Ok(Some(value))
             }
             Ok(Ok(None)) => {
                 if let Some(ttl) = opts.negative_ttl {
-                    let _ = self
-                        .inner
-                        .tiers
-                        .store::<V, C>(key, None, None, &opts, stamps, took, ttl, origin)
-                        .await;
+                    prepared = prepare::<V, C>(None, None, &opts, stamps, took, ttl, origin).ok();
                 }
                 Ok(None)
             }
@@ -404,6 +422,11 @@ impl TieredCache {
                 )))
             }
         };
+        if let Some(prepared) = prepared {
+            leader.publish::<Outcome<V, E>>(outcome.clone());
+            self.store_within_budget(key, prepared, leader, claim).await;
+            return outcome;
+        }
         if let (Err(_), Some(stale)) = (&outcome, &stale) {
             self.inner
                 .tiers

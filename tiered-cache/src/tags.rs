@@ -200,6 +200,15 @@ impl TagVersions {
             .collect()
     }
 
+    /// Reads from Redis (one MGET) the versions of `tags` this instance
+    /// cannot vouch for, so that [`TagVersions::judge`] can then decide.
+    pub(crate) async fn read(&self, tags: &[Arc<str>], l2: Option<&L2>) {
+        let unvouched = self.unvouched(tags.iter().map(|tag| &**tag));
+        if !unvouched.is_empty() {
+            self.fetch(&unvouched, l2).await;
+        }
+    }
+
     /// The tags whose versions must be read from Redis before use: the
     /// unknown ones, or all of them while knowledge is not live.
     fn unvouched<'a>(&self, tags: impl Iterator<Item = &'a str>) -> Vec<&'a str> {

@@ -212,6 +212,12 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id, while it runs (to signal it from code that
+    /// cannot hold the `RedisServer`, such as a loader).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
     ///
     /// # Errors

@@ -45,6 +45,15 @@ pub(crate) struct Claim {
     l1: Ticket,
     /// `None`: no Redis, or it did not answer; the result then stays out of it.
     l2: Option<u64>,
+    /// How long reading Redis took: spent from the call's L2 budget.
+    spent: Duration,
+}
+
+impl Claim {
+    /// What is left of an L2 budget of `budget` after the claim's read.
+    pub(crate) fn budget_left(&self, budget: Duration) -> Duration {
+        budget.saturating_sub(self.spent)
+    }
 }
 
 /// What the Redis half of a store did.
@@ -54,6 +63,71 @@ enum L2Store {
     Refused,
     /// Not written: no Redis, Redis failed, too large, or no claim on it.
     Skipped,
+}
+
+/// An entry encoded for both tiers, ready for [`Tiers::commit`]: the
+/// caller's CPU work done, only the tiers' writes left (which a load runs
+/// within what is left of its L2 budget, then in the background).
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    meta: Meta,
+    bytes: Vec<u8>,
+    erased: Option<AnyValue>,
+    ttl: Duration,
+    keep: Duration,
+    size: usize,
+    origin: Origin,
+}
+
+/// Encodes an entry for [`Tiers::commit`]. `value` is `None` for a negative
+/// entry; `erased` is the same value as L1 holds it.
+///
+/// # Errors
+/// When the codec cannot encode the value.
+pub(crate) fn prepare<V, C>(
+    value: Option<&V>,
+    erased: Option<&AnyValue>,
+    opts: &Resolved,
+    tags: Arc<[entry::TagStamp]>,
+    load_time: Duration,
+    ttl: Duration,
+    origin: Origin,
+) -> Result<Prepared, Error>
+where
+    V: Serialize + Send + Sync + 'static,
+    C: Codec,
+{
+    let ttl = opts.ttl_with_jitter(ttl);
+    let stale = if value.is_some() {
+        opts.stale
+    } else {
+        Duration::ZERO
+    };
+    let keep = ttl.saturating_add(stale);
+    let now_ms = entry::now_ms();
+    let meta = Meta {
+        created_ms: now_ms,
+        expires_ms: now_ms.saturating_add(whole_millis(ttl)),
+        stale_until_ms: now_ms.saturating_add(whole_millis(keep)),
+        load_micros: load_time.as_micros().min(u128::from(u32::MAX)) as u32,
+        version: 0,
+        tags,
+    };
+    let mut bytes = entry::encode_header(&meta, C::ID, value.is_none(), 64);
+    let header_len = bytes.len();
+    if let Some(v) = value {
+        C::encode(v, &mut bytes)?;
+    }
+    let size = bytes.len() - header_len;
+    Ok(Prepared {
+        meta,
+        bytes,
+        erased: erased.cloned(),
+        ttl,
+        keep,
+        size,
+        origin,
+    })
 }
 
 /// Whole milliseconds, saturating.
@@ -127,52 +201,45 @@ impl Tiers {
         V: Serialize + Send + Sync + 'static,
         C: Codec,
     {
-        let ttl = opts.ttl_with_jitter(ttl);
-        let stale = if value.is_some() {
-            opts.stale
-        } else {
-            Duration::ZERO
-        };
-        let keep = ttl.saturating_add(stale);
-        let now_ms = entry::now_ms();
-        let mut meta = Meta {
-            created_ms: now_ms,
-            expires_ms: now_ms.saturating_add(whole_millis(ttl)),
-            stale_until_ms: now_ms.saturating_add(whole_millis(keep)),
-            load_micros: load_time.as_micros().min(u128::from(u32::MAX)) as u32,
-            version: 0,
-            tags,
-        };
-        let mut bytes = entry::encode_header(&meta, C::ID, value.is_none(), 64);
-        let header_len = bytes.len();
-        if let Some(v) = value {
-            C::encode(v, &mut bytes)?;
-        }
-        let size = bytes.len() - header_len;
+        let prepared = prepare::<V, C>(value, erased, opts, tags, load_time, ttl, origin)?;
+        self.commit(key, prepared).await;
+        Ok(())
+    }
+
+    /// Stores a [`Prepared`] entry: the second half of [`Tiers::store`].
+    pub(crate) async fn commit(&self, key: &str, prepared: Prepared) {
+        let Prepared {
+            mut meta,
+            bytes,
+            erased,
+            ttl,
+            keep,
+            size,
+            origin,
+        } = prepared;
         match self.store_l2(key, &bytes, keep, origin).await {
             L2Store::Refused => {
                 self.stats.stale_writes_refused.incr();
-                return Ok(());
+                return;
             }
             L2Store::Stored(version) => meta.version = version,
             L2Store::Skipped => {}
         }
-        let Some(l1) = &self.l1 else { return Ok(()) };
+        let Some(l1) = &self.l1 else { return };
         // A tag bumped (or the namespace cleared) since the stamps were
         // taken, before the load, makes the entry stale already: L1 must
         // not serve it. (A bump racing this check is caught by the load's
         // ticket, or by the floors on the entry's first hit.)
         if !self.tags.is_current(&meta.tags, self.l2.as_ref()).await {
-            return Ok(());
+            return;
         }
-        let entry = l1.entry(key, erased.cloned(), meta, ttl, keep, size);
+        let entry = l1.entry(key, erased, meta, ttl, keep, size);
         match origin {
             Origin::Load(claim) => {
                 l1.insert_since(key, entry, claim.l1).await;
             }
             Origin::Write => l1.replace(key, entry).await,
         }
-        Ok(())
     }
 
     /// The Redis half of [`Tiers::store`].
@@ -227,12 +294,14 @@ impl Tiers {
         C: Codec,
     {
         let ticket = self.ticket(key);
-        let unclaimed = Claim {
+        let started = Instant::now();
+        let unclaimed = || Claim {
             l1: ticket,
             l2: None,
+            spent: started.elapsed(),
         };
         let Some(l2) = &self.l2 else {
-            return (None, unclaimed);
+            return (None, unclaimed());
         };
         let mut read = l2.get_versioned(key).await;
         if let Err(L2Fault::WrongType) = read {
@@ -241,18 +310,19 @@ impl Tiers {
             read = l2.get_versioned(key).await;
         }
         let Ok(found) = read else {
-            return (None, unclaimed); // counted and logged by the L2 tier
+            return (None, unclaimed()); // counted and logged by the L2 tier
+        };
+        let entry = match found.bytes {
+            Some(bytes) => {
+                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket, false)
+                    .await
+            }
+            None => None,
         };
         let claim = Claim {
             l1: ticket,
             l2: Some(found.version),
-        };
-        let entry = match found.bytes {
-            Some(bytes) => {
-                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket)
-                    .await
-            }
-            None => None,
+            spent: started.elapsed(),
         };
         (entry, claim)
     }
@@ -271,6 +341,7 @@ impl Tiers {
         C: Codec,
     {
         let tickets: Vec<Ticket> = keys.iter().map(|key| self.ticket(key)).collect();
+        let started = Instant::now();
         let found: Vec<Versioned> = match &self.l2 {
             Some(_) if keys.is_empty() => Vec::new(),
             Some(l2) if claims => l2.mget_versioned(keys).await.unwrap_or_default(),
@@ -283,6 +354,11 @@ impl Tiers {
                 .collect(),
             None => Vec::new(),
         };
+        // Every entry's tag versions that must be read, in one MGET, not
+        // one per entry (the backplane off, or a gap, or unknown tags).
+        self.read_tags_of(C::ID, found.iter().filter_map(|r| r.bytes.as_deref()))
+            .await;
+        let spent = started.elapsed();
         let now_ms = entry::now_ms();
         let mut out = Vec::with_capacity(keys.len());
         for (n, key) in keys.iter().enumerate() {
@@ -290,14 +366,32 @@ impl Tiers {
             let claim = Claim {
                 l1: tickets[n],
                 l2: read.filter(|_| claims).map(|r| r.version),
+                spent,
             };
             let entry = match read.and_then(|r| r.bytes.as_deref()) {
-                Some(bytes) => self.accept_l2::<V, C>(key, bytes, now_ms, tickets[n]).await,
+                Some(bytes) => {
+                    self.accept_l2::<V, C>(key, bytes, now_ms, tickets[n], true)
+                        .await
+                }
                 None => None,
             };
             out.push((entry, claim));
         }
         out
+    }
+
+    /// Reads from Redis, in one MGET, the versions of the tags of these
+    /// stored entries that this instance cannot vouch for.
+    async fn read_tags_of<'a>(&self, codec: u8, entries: impl Iterator<Item = &'a [u8]>) {
+        let mut names: Vec<Arc<str>> = Vec::new();
+        for bytes in entries {
+            if let Ok(envelope) = entry::decode(bytes, codec) {
+                names.extend(envelope.meta.tags.iter().map(|(tag, _)| Arc::clone(tag)));
+            }
+        }
+        names.sort_unstable();
+        names.dedup();
+        self.tags.read(&names, self.l2.as_ref()).await;
     }
 
     /// What a plain read (`get`, `get_many`) makes of `key` in L1: one
@@ -361,7 +455,7 @@ impl Tiers {
         let ticket = self.ticket(key);
         match l2.get(key).await {
             Ok(Some(bytes)) => {
-                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket)
+                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket, false)
                     .await
             }
             Ok(None) => None,
@@ -382,6 +476,7 @@ impl Tiers {
         bytes: &[u8],
         now_ms: u64,
         ticket: Ticket,
+        tags_read: bool,
     ) -> Option<Arc<L1Entry>>
     where
         V: DeserializeOwned + Send + Sync + 'static,
@@ -395,8 +490,16 @@ impl Tiers {
             }
         };
         let keep_for = envelope.meta.remaining(now_ms)?;
-        let l2 = self.l2.as_ref();
-        if !self.tags.is_current(&envelope.meta.tags, l2).await {
+        // `tags_read`: the caller just read the versions this instance
+        // cannot vouch for (one MGET for a whole batch).
+        let current = if tags_read {
+            self.tags.judge(&envelope.meta.tags)
+        } else {
+            self.tags
+                .is_current(&envelope.meta.tags, self.l2.as_ref())
+                .await
+        };
+        if !current {
             self.stats.tag_stale_drops.incr();
             return None;
         }

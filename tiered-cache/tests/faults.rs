@@ -331,3 +331,64 @@ async fn refused_writes_do_not_stop_reads() {
     assert_eq!(s.l2_skipped, 0, "{s:?}");
     assert!(s.l2_errors >= 20, "each refused write is counted: {s:?}");
 }
+
+/// One L2 budget per call: a miss whose Redis read was slow does not then
+/// wait a whole `l2_timeout` more for its write. The write goes on in the
+/// background, and a caller in the meantime gets the loaded value without
+/// a second load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_waits_on_redis_at_most_one_l2_timeout_in_all() {
+    let server = server();
+    let cache = TieredCache::builder()
+        .namespace("t")
+        .redis(server.url())
+        .l2_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .expect("build");
+    let calls = Arc::new(AtomicUsize::new(0));
+    server.pause().expect("SIGSTOP"); // the read will wait
+    let started = Instant::now();
+    let reader = {
+        let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+        let pause = RedisPause(server.pid().expect("running"));
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&key(1), &opts(), move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    pause.stop(); // Redis freezes again before the write
+                    Ok::<_, std::io::Error>(product(1))
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.resume().expect("SIGCONT"); // the read is answered after ~1 s
+    let v = reader.await.unwrap().expect("loads");
+    let took = started.elapsed();
+    assert_eq!(*v, product(1));
+    println!("a miss with a 1 s read and a frozen write took {took:?}");
+    assert!(
+        took < Duration::from_millis(2_600),
+        "read + write waited {took:?}"
+    );
+    // The write is still pending: a caller now gets the value, no load.
+    let again = load(&cache, &key(1), &calls, product(9)).await;
+    assert_eq!(*again, product(1));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    server.resume().expect("SIGCONT");
+}
+
+/// Freezes the test server (SIGSTOP) from inside a loader.
+struct RedisPause(u32);
+
+impl RedisPause {
+    fn stop(&self) {
+        let sent = std::process::Command::new("kill")
+            .arg("-STOP")
+            .arg(self.0.to_string())
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+    }
+}

@@ -86,3 +86,33 @@ async fn many_distinct_tags_stay_correct_as_the_tables_are_bounded() {
     }
     assert_eq!(cache.stats().l1_hits - before.l1_hits, 10);
 }
+
+/// With the backplane off, tag versions are read from Redis before an entry
+/// read from Redis is judged. A batch of 50 entries with 50 distinct tags
+/// reads them in one MGET, not one per entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_reads_the_tag_versions_of_a_batch_in_one_round_trip() {
+    let server = server();
+    let writer = builder_on(&server, "tags-batch")
+        .build()
+        .await
+        .expect("build");
+    let keys: Vec<Key<u64>> = (0..50).map(item).collect();
+    for (id, key) in (0..50).zip(&keys) {
+        let opts = EntryOptions::new(Duration::from_secs(300)).tag(format!("category:{id}"));
+        writer.set(key, id, &opts).await.expect("set");
+    }
+    let reader = builder_on(&server, "tags-batch")
+        .backplane(false)
+        .build()
+        .await
+        .expect("build");
+    common::reset_command_stats(&server);
+    let got = reader.get_many(&keys).await;
+    assert!(got.iter().all(Option::is_some), "{:?}", reader.stats());
+    assert_eq!(
+        common::command_calls(&server, "mget"),
+        2,
+        "one MGET for the entries, one for all their tags"
+    );
+}
