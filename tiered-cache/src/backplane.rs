@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 
 use crate::l1::L1;
 use crate::l2::{Health, L2Fault, Messages, L2};
-use crate::stats::Stats;
+use crate::stats::{LogLimit, Stats};
 use crate::tags::TagVersions;
 
 /// One invalidation, as sent between instances.
@@ -148,6 +148,7 @@ impl Backplane {
         let (ready_tx, ready_rx) = oneshot::channel();
         let subscriber = Subscriber {
             l2: l2.clone(),
+            undecodable_log: LogLimit::once(),
             channel,
             id,
             local,
@@ -252,6 +253,7 @@ async fn publish_loop(mut rx: mpsc::UnboundedReceiver<Event>, l2: L2, channel: S
 /// The subscriber: keeps one subscription alive and applies what arrives.
 struct Subscriber {
     l2: L2,
+    undecodable_log: LogLimit,
     channel: String,
     id: u64,
     local: Local,
@@ -345,7 +347,9 @@ impl Subscriber {
     /// Applies one message to this instance's L1 and tag table.
     async fn apply(&self, payload: &[u8]) {
         let Some(message) = decode(payload) else {
-            log_undecodable();
+            if self.undecodable_log.allow() {
+                tracing::warn!("a backplane message could not be decoded (another version of tiered-cache on the same namespace?); L1 cleared to stay safe (logged once)");
+            }
             self.resync(true);
             return;
         };
@@ -404,14 +408,6 @@ fn log_refused_publish(channel: &str) {
         channel,
         "Redis refused PUBLISH on the backplane channel (an ACL user without channel rights?): other instances do not hear of this one's writes and invalidations, and serve their L1 copies up to l1_ttl_cap; grant the channel or set l1_ttl_cap (logged once)"
     );
-}
-
-fn log_undecodable() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static LOGGED: AtomicBool = AtomicBool::new(false);
-    if !LOGGED.swap(true, Ordering::Relaxed) {
-        tracing::warn!("a backplane message could not be decoded (another version of tiered-cache on the same namespace?); L1 cleared to stay safe (logged once)");
-    }
 }
 
 /// Exponential backoff with jitter, so a fleet does not reconnect in step.

@@ -10,7 +10,7 @@ use crate::error::{Error, ErrorKind};
 use crate::l1::L1;
 use crate::l2::{L2Config, RedisUrl, L2};
 use crate::options::EntryOptions;
-use crate::stats::Stats;
+use crate::stats::{LogLimit, Stats};
 use crate::tags::TagVersions;
 use crate::tiers::Tiers;
 
@@ -219,6 +219,7 @@ impl TieredCacheBuilder {
             stats,
             max_value_bytes: self.max_value_bytes,
             failsafe_only,
+            bad_entry_log: LogLimit::every(Duration::from_secs(10)),
         };
         Ok(TieredCache::from_parts(
             tiers,

@@ -44,6 +44,15 @@
 //! [`l1_ttl_cap`](TieredCacheBuilder::l1_ttl_cap)). A load whose Redis read
 //! failed does not write Redis at all.
 //!
+//! **The default cache of `#[cached]`.** A function names its cache with
+//! `cache = expr`; without it, it uses the innermost
+//! [`scope`](crate::scope) around the call (a task-local default, like
+//! tracing's `with_default`), else the one [`install`](crate::install)ed
+//! for the process. `install` succeeds once: a second call is an error, so
+//! two caches never silently share one default. With neither, the function
+//! runs uncached (and says so once). [`default_cache`](crate::default_cache)
+//! reads the default the same way.
+//!
 //! **Tags.** [`invalidate_tag`](TieredCache::invalidate_tag) is O(1): tags
 //! carry version counters, and entries stamped with an older version read
 //! as misses. [`clear`](TieredCache::clear) does the same for a whole

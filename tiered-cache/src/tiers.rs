@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::l1::{later, AnyValue, L1Entry, Ticket, L1};
 use crate::l2::{L2Fault, Versioned, Write, L2};
 use crate::options::Resolved;
-use crate::stats::Stats;
+use crate::stats::{LogLimit, Stats};
 use crate::tags::TagVersions;
 
 /// See [`Tiers::lookup_l1`].
@@ -146,6 +146,8 @@ pub(crate) struct Tiers {
     /// With L1 off: a small L1 that holds only fail-safe copies, so the
     /// fail-safe throttle still keeps a failing loader from being hammered.
     pub(crate) failsafe_only: Option<L1>,
+    /// At most one "unusable entry" line every 10 s for this cache.
+    pub(crate) bad_entry_log: LogLimit,
 }
 
 impl Tiers {
@@ -530,7 +532,10 @@ impl Tiers {
     /// A bad entry is a miss: deleted, counted, logged (rate-limited).
     pub(crate) async fn bad_entry(&self, key: &str, why: &str) {
         self.stats.decode_failures.incr();
-        log_bad_entry(why);
+        if self.bad_entry_log.allow() {
+            // The counter has the totals.
+            tracing::warn!(reason = why, "an entry in Redis was unusable; treated as a miss and deleted (see stats.decode_failures)");
+        }
         if let Some(l2) = &self.l2 {
             let _ = l2.del(&[key]).await;
         }
@@ -544,20 +549,5 @@ pub(crate) fn typed<V: Send + Sync + 'static>(entry: &L1Entry) -> Option<Option<
     match &entry.value {
         None => Some(None),
         Some(any) => Arc::clone(any).downcast::<V>().ok().map(Some),
-    }
-}
-
-fn log_bad_entry(why: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST_MS: AtomicU64 = AtomicU64::new(0);
-    let now = entry::now_ms();
-    let last = LAST_MS.load(Ordering::Relaxed);
-    // At most one line every 10 s: the counter has the totals.
-    if now.saturating_sub(last) >= 10_000
-        && LAST_MS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        tracing::warn!(reason = why, "an entry in Redis was unusable; treated as a miss and deleted (see stats.decode_failures)");
     }
 }
