@@ -24,7 +24,7 @@ use crate::options::EntryOptions;
 use crate::refresh::early_refresh_due;
 use crate::stats::StatsSnapshot;
 use crate::tags::EPOCH_TAG;
-use crate::tiers::{typed, L1Lookup, Origin, Tiers};
+use crate::tiers::{prepare, typed, L1Lookup, Origin, Tiers};
 
 /// The result every caller of one flight shares.
 pub(crate) type Outcome<V, E> = Result<Option<Arc<V>>, LoadError<E>>;
@@ -146,25 +146,19 @@ impl TieredCache {
             .await;
         let value: AnyValue = Arc::new(value);
         let typed_value = value.downcast_ref::<V>();
-        let stored = self
-            .inner
-            .tiers
-            .store::<V, C>(
-                key.as_str(),
-                typed_value,
-                Some(&value),
-                &opts,
-                stamps,
-                Duration::ZERO,
-                opts.ttl,
-                Origin::Write,
-            )
-            .await;
-        if stored.is_ok() {
-            // After the Redis write: a peer that drops its copy reads the new one.
-            self.announce(Event::Key(key.as_str().to_owned()));
-        }
-        stored
+        let prepared = prepare::<V, C>(
+            typed_value,
+            Some(&value),
+            &opts,
+            stamps,
+            Duration::ZERO,
+            opts.ttl,
+            Origin::Write,
+        )?;
+        self.inner.tiers.commit(key.as_str(), prepared).await;
+        // After the Redis write: a peer that drops its copy reads the new one.
+        self.announce(Event::Key(key.as_str().to_owned()));
+        Ok(())
     }
 
     /// Removes `key` from both tiers (Redis first) and tells other

@@ -182,33 +182,11 @@ impl Tiers {
         l1.insert_since(key, retry, claim.l1).await;
     }
 
-    /// Writes an entry to both tiers, Redis first. `value` is `None` for a
-    /// negative entry. A load's result (`Origin::Load`) is stored only where
-    /// the key was not written or dropped since its claim: in Redis by
-    /// compare-and-set on the entry's version, in L1 by its drop ticket. An
-    /// application's write (`Origin::Write`) replaces what is there.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn store<V, C>(
-        &self,
-        key: &str,
-        value: Option<&V>,
-        erased: Option<&AnyValue>,
-        opts: &Resolved,
-        tags: Arc<[entry::TagStamp]>,
-        load_time: Duration,
-        ttl: Duration,
-        origin: Origin,
-    ) -> Result<(), Error>
-    where
-        V: Serialize + Send + Sync + 'static,
-        C: Codec,
-    {
-        let prepared = prepare::<V, C>(value, erased, opts, tags, load_time, ttl, origin)?;
-        self.commit(key, prepared).await;
-        Ok(())
-    }
-
-    /// Stores a [`Prepared`] entry: the second half of [`Tiers::store`].
+    /// Writes a [`Prepared`] entry to both tiers, Redis first. A load's
+    /// result (`Origin::Load`) is stored only where the key was not written
+    /// or dropped since its claim: in Redis by compare-and-set on the
+    /// entry's version, in L1 by its drop ticket. An application's write
+    /// (`Origin::Write`) replaces what is there.
     pub(crate) async fn commit(&self, key: &str, prepared: Prepared) {
         let Prepared {
             mut meta,
@@ -244,7 +222,7 @@ impl Tiers {
         }
     }
 
-    /// The Redis half of [`Tiers::store`].
+    /// The Redis half of [`Tiers::commit`].
     async fn store_l2(&self, key: &str, bytes: &[u8], keep: Duration, origin: Origin) -> L2Store {
         let Some(l2) = &self.l2 else {
             return L2Store::Skipped;

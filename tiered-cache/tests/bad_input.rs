@@ -355,6 +355,15 @@ async fn a_user_codec_can_fail_and_its_failure_is_a_counted_miss() {
     assert!(e.is_codec() && std::error::Error::source(&e).is_some());
 }
 
+/// A runtime for a property test, whose cases each `block_on` it.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn any_duration() -> impl proptest::strategy::Strategy<Value = Duration> {
     use proptest::prelude::*;
     prop_oneof![
@@ -372,11 +381,7 @@ fn any_duration() -> impl proptest::strategy::Strategy<Value = Duration> {
 #[test]
 fn every_duration_in_every_option_is_handled() {
     use proptest::prelude::*;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let server = server();
     let config = ProptestConfig {
         cases: 48,
@@ -446,11 +451,7 @@ fn every_duration_in_every_option_is_handled() {
 #[test]
 fn arbitrary_bytes_as_an_entry_are_a_counted_miss_on_every_path() {
     use proptest::prelude::*;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let server = server();
     let config = ProptestConfig {
         cases: 64,
