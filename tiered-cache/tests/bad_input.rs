@@ -22,7 +22,7 @@ fn redis_key<V>(key: &Key<V>) -> String {
 }
 
 fn opts() -> EntryOptions {
-    EntryOptions::mins(5)
+    EntryOptions::new(Duration::from_secs(5 * 60))
 }
 
 /// A cache with an empty L1 on `server`.

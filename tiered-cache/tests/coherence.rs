@@ -35,7 +35,7 @@ fn item(id: u64) -> Key<u64> {
 }
 
 fn opts() -> EntryOptions {
-    EntryOptions::secs(300).tag("items")
+    EntryOptions::new(Duration::from_secs(300)).tag("items")
 }
 
 /// Two instances in `namespace`, built one after the other.
@@ -388,7 +388,7 @@ async fn invalidating_a_tag_of_100k_entries_does_not_block_redis() {
         .build()
         .await
         .expect("build");
-    let bulk = EntryOptions::secs(300).tag("bulk");
+    let bulk = EntryOptions::new(Duration::from_secs(300)).tag("bulk");
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..16 {
         let (seeder, bulk) = (seeder.clone(), bulk.clone());
@@ -461,12 +461,12 @@ async fn clear_on_one_instance_empties_every_instance() {
     let other_namespace = instance(&server, "clear-other").await;
     let keys: Vec<Key<u64>> = (0..50).map(item).collect();
     for (id, key) in keys.iter().enumerate() {
-        a.set(key, id as u64, &EntryOptions::secs(300))
+        a.set(key, id as u64, &EntryOptions::new(Duration::from_secs(300)))
             .await
             .expect("set");
     }
     other_namespace
-        .set(&keys[0], 42, &EntryOptions::secs(300))
+        .set(&keys[0], 42, &EntryOptions::new(Duration::from_secs(300)))
         .await
         .expect("set");
     await_received(b, 50).await;
@@ -485,7 +485,7 @@ async fn clear_on_one_instance_empties_every_instance() {
     assert_eq!(late.get_many(&keys).await.iter().flatten().count(), 0);
     // Other namespaces are untouched; new writes work as before.
     assert_eq!(other_namespace.get(&keys[0]).await.as_deref(), Some(&42));
-    a.set(&keys[0], 7, &EntryOptions::secs(300))
+    a.set(&keys[0], 7, &EntryOptions::new(Duration::from_secs(300)))
         .await
         .expect("set");
     await_received(b, 52).await;
@@ -641,7 +641,7 @@ async fn caches_on_two_databases_of_one_redis_never_touch_each_other() {
     let (plain, tagged) = (item(1), item(2));
     for cache in [&zero, &one] {
         cache
-            .set(&plain, 1, &EntryOptions::secs(300))
+            .set(&plain, 1, &EntryOptions::new(Duration::from_secs(300)))
             .await
             .expect("set");
         cache.set(&tagged, 2, &opts()).await.expect("set");

@@ -23,7 +23,7 @@ fn redis_key(key: &Key<Product>) -> String {
 }
 
 fn opts() -> EntryOptions {
-    EntryOptions::mins(5)
+    EntryOptions::new(Duration::from_secs(5 * 60))
 }
 
 /// Longest any single cache call may take before we call it a hang.

@@ -82,9 +82,11 @@ fn marked(id: u64) -> Product {
 /// `get_or_load` of `key` whose loader returns `marked(id)`.
 async fn load(cache: &TieredCache, key: &Key<Product>, id: u64) -> Arc<Product> {
     cache
-        .get_or_load(key, &EntryOptions::mins(5), move || async move {
-            Ok::<_, std::io::Error>(marked(id))
-        })
+        .get_or_load(
+            key,
+            &EntryOptions::new(Duration::from_secs(5 * 60)),
+            move || async move { Ok::<_, std::io::Error>(marked(id)) },
+        )
         .await
         .expect("the loader stands in for Redis")
 }
@@ -196,7 +198,11 @@ async fn a_refused_publish_is_logged_once_and_is_not_an_outage() {
         .expect("build");
     for id in 0..20 {
         cache
-            .set(&key(id), marked(id), &EntryOptions::mins(5))
+            .set(
+                &key(id),
+                marked(id),
+                &EntryOptions::new(Duration::from_secs(5 * 60)),
+            )
             .await
             .expect("set");
         tokio::time::sleep(Duration::from_millis(5)).await; // each set its own PUBLISH

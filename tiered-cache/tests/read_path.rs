@@ -94,7 +94,7 @@ async fn a_thousand_callers_of_a_cold_key_share_one_load() {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "stampede").await;
     let key = item(1);
-    let opts = EntryOptions::secs(60);
+    let opts = EntryOptions::new(Duration::from_secs(60));
     let calls = counter();
 
     let tasks = stampede(&cache, &key, &opts, 1000, &calls, || Ok("value".to_owned()));
@@ -123,7 +123,7 @@ async fn a_failing_load_reaches_every_caller_and_is_not_cached() {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "stampede-err").await;
     let key = item(1);
-    let opts = EntryOptions::secs(60);
+    let opts = EntryOptions::new(Duration::from_secs(60));
     let calls = counter();
 
     let tasks = stampede(&cache, &key, &opts, 1000, &calls, || {
@@ -151,10 +151,14 @@ async fn a_failing_load_reaches_every_caller_and_is_not_cached() {
     assert!(cache.get(&key).await.is_none());
     let counted = Arc::clone(&calls);
     let v = cache
-        .get_or_load(&key, &EntryOptions::secs(60), move || async move {
-            counted.fetch_add(1, SeqCst);
-            Ok::<_, DbError>("recovered".to_owned())
-        })
+        .get_or_load(
+            &key,
+            &EntryOptions::new(Duration::from_secs(60)),
+            move || async move {
+                counted.fetch_add(1, SeqCst);
+                Ok::<_, DbError>("recovered".to_owned())
+            },
+        )
         .await
         .unwrap();
     assert_eq!(*v, "recovered");
@@ -167,7 +171,7 @@ async fn run_abandoned_leader(panics: bool) {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "abandoned").await;
     let key = item(1);
-    let opts = EntryOptions::secs(60);
+    let opts = EntryOptions::new(Duration::from_secs(60));
     let calls = counter();
     let started = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
@@ -262,7 +266,7 @@ async fn two_caches_never_share_a_load() {
         cache(&server, "tenant-b").await,
     );
     let key = item(1);
-    let opts = EntryOptions::mins(5);
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
     let (a_loading, b_loaded) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
 
     // A's load stays open until B's own loader has run.
@@ -407,7 +411,7 @@ async fn xfetch_refreshes_a_hot_key_before_it_expires_and_nobody_waits() {
     let run = steady_reads(
         &cache,
         &key,
-        EntryOptions::secs(1),
+        EntryOptions::new(Duration::from_secs(1)),
         Duration::from_millis(3300),
     )
     .await;
@@ -443,7 +447,7 @@ async fn beta_zero_turns_early_refresh_off() {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "xfetch-off").await;
     let key = item(1);
-    let opts = EntryOptions::secs(1).early_refresh(0.0);
+    let opts = EntryOptions::new(Duration::from_secs(1)).early_refresh(0.0);
     let run = steady_reads(&cache, &key, opts, Duration::from_millis(2300)).await;
     let stats = cache.stats();
     println!(
@@ -514,7 +518,7 @@ async fn stale_while_revalidate_serves_stale_at_once_and_refreshes_once() {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "swr").await;
     let key = item(1);
-    let opts = EntryOptions::millis(300)
+    let opts = EntryOptions::new(Duration::from_millis(300))
         .stale(Duration::from_secs(10))
         .early_refresh(0.0);
     cache.get_or_load(&key, &opts, quick("v1")).await.unwrap();
@@ -568,7 +572,7 @@ async fn fail_safe_serves_stale_on_loader_error_and_the_error_after_the_window()
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "failsafe").await;
     let key = item(1);
-    let opts = EntryOptions::millis(300)
+    let opts = EntryOptions::new(Duration::from_millis(300))
         .stale(Duration::from_secs(1))
         .failsafe_throttle(Duration::from_secs(5)) // capped at the end of the window
         .early_refresh(0.0);
@@ -621,7 +625,7 @@ async fn fail_safe_serves_stale_at_the_soft_timeout_and_times_out_after_the_wind
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "soft").await;
     let (slow, late) = (item(1), item(2));
-    let opts = EntryOptions::millis(300)
+    let opts = EntryOptions::new(Duration::from_millis(300))
         .stale(Duration::from_secs(1))
         .soft_timeout(Duration::from_millis(50))
         .hard_timeout(Duration::from_secs(10))
@@ -677,7 +681,7 @@ async fn a_failing_loader_is_retried_about_once_per_throttle_period() {
     let cache = cache(&server, "throttle").await;
     let key = item(1);
     let throttle = Duration::from_millis(200);
-    let opts = EntryOptions::millis(200)
+    let opts = EntryOptions::new(Duration::from_millis(200))
         .stale(Duration::from_secs(10))
         .failsafe_throttle(throttle)
         .early_refresh(0.0);
@@ -731,7 +735,7 @@ async fn fail_safe_reaches_callers_that_joined_before_the_stale_value_was_found(
     let server = RedisServer::start().expect("redis-server");
     let writer = cache(&server, "late-stale").await;
     let key = item(1);
-    let opts = EntryOptions::millis(200)
+    let opts = EntryOptions::new(Duration::from_millis(200))
         .stale(Duration::from_secs(10))
         .early_refresh(0.0);
     writer.get_or_load(&key, &opts, quick("v1")).await.unwrap();
@@ -763,7 +767,7 @@ async fn a_failed_refresh_does_not_undo_an_invalidation_or_a_write() {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "failsafe-race").await;
     let (dropped, rewritten) = (item(1), item(2));
-    let opts = EntryOptions::millis(200)
+    let opts = EntryOptions::new(Duration::from_millis(200))
         .stale(Duration::from_secs(10))
         .failsafe_throttle(Duration::from_secs(10))
         .early_refresh(0.0);
@@ -823,7 +827,7 @@ async fn a_hard_timeout_without_stale_is_a_timeout_error() {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "hard").await;
     let key = item(1);
-    let opts = EntryOptions::secs(60).hard_timeout(Duration::from_millis(100));
+    let opts = EntryOptions::new(Duration::from_secs(60)).hard_timeout(Duration::from_millis(100));
     let calls = counter();
     let counted = calls.clone();
     let err = cache
@@ -875,7 +879,7 @@ async fn a_none_is_cached_only_with_a_negative_ttl() {
     let (on, off) = (item(1), item(2));
     let calls = counter();
 
-    let negative = EntryOptions::secs(60).negative_ttl(Duration::from_secs(5));
+    let negative = EntryOptions::new(Duration::from_secs(60)).negative_ttl(Duration::from_secs(5));
     assert_eq!(load_nothing(&cache, &on, &negative, &calls).await, None);
     assert_eq!(load_nothing(&cache, &on, &negative, &calls).await, None);
     assert_eq!(calls.load(SeqCst), 1, "the second call hit the cached None");
@@ -888,7 +892,7 @@ async fn a_none_is_cached_only_with_a_negative_ttl() {
     assert_eq!(other.stats().negative_hits, 1);
 
     let calls = counter();
-    let plain = EntryOptions::secs(60);
+    let plain = EntryOptions::new(Duration::from_secs(60));
     assert_eq!(load_nothing(&cache, &off, &plain, &calls).await, None);
     assert_eq!(load_nothing(&cache, &off, &plain, &calls).await, None);
     assert_eq!(
@@ -904,7 +908,7 @@ async fn a_none_is_cached_only_with_a_negative_ttl() {
 async fn jitter_spreads_expiries() {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "jitter").await;
-    let opts = EntryOptions::secs(10).jitter(Duration::from_secs(5));
+    let opts = EntryOptions::new(Duration::from_secs(10)).jitter(Duration::from_secs(5));
     let started = Instant::now();
     for n in 0..200 {
         cache.set(&item(n), format!("v{n}"), &opts).await.unwrap();
@@ -965,7 +969,7 @@ async fn spread_over_the_tiers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_many_reads_l1_then_one_mget() {
     let server = RedisServer::start().expect("redis-server");
-    let opts = EntryOptions::secs(60);
+    let opts = EntryOptions::new(Duration::from_secs(60));
     // n % 10: 0..3 in L1 (and Redis), 3..7 in Redis only, 7..10 nowhere.
     let (cache, _writer, keys) = spread_over_the_tiers(&server, "many", &opts).await;
     let before = cache.stats();
@@ -1002,17 +1006,17 @@ async fn get_many_reads_l1_then_one_mget() {
 #[allow(dead_code)]
 fn get_many_or_load_is_send(cache: &TieredCache, keys: &[Item]) {
     fn is_send<T: Send>(_: T) {}
-    is_send(
-        cache.get_many_or_load(keys, &EntryOptions::secs(1), |_: &Item| async {
-            Ok::<_, DbError>(String::new())
-        }),
-    );
+    is_send(cache.get_many_or_load(
+        keys,
+        &EntryOptions::new(Duration::from_secs(1)),
+        |_: &Item| async { Ok::<_, DbError>(String::new()) },
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn get_many_or_load_reads_l1_then_one_mget_then_loads_the_rest_at_once() {
     let server = RedisServer::start().expect("redis-server");
-    let opts = EntryOptions::secs(60);
+    let opts = EntryOptions::new(Duration::from_secs(60));
     // n % 10: 0..3 in L1, 3..7 in Redis only, 7..10 nowhere (and 9 fails to load).
     let (cache, _writer, keys) = spread_over_the_tiers(&server, "many-load", &opts).await;
     let before = cache.stats();
@@ -1097,7 +1101,7 @@ async fn get_many_or_load_reads_l1_then_one_mget_then_loads_the_rest_at_once() {
 async fn get_many_or_load_shares_loads_with_concurrent_callers() {
     let server = RedisServer::start().expect("redis-server");
     let cache = cache(&server, "many-flight").await;
-    let opts = EntryOptions::secs(60);
+    let opts = EntryOptions::new(Duration::from_secs(60));
     let keys: Vec<Item> = (0..10).map(item).collect();
     let calls = counter();
     let batch = |cache: &TieredCache| {
@@ -1159,7 +1163,7 @@ async fn borrowed_loaders_hit_refresh_in_place_and_fail_safe() {
     let key = item(1);
     let name = String::from("borrowed"); // the loader borrows this
     let calls = counter();
-    let opts = EntryOptions::millis(200)
+    let opts = EntryOptions::new(Duration::from_millis(200))
         .stale(Duration::from_secs(30))
         .early_refresh(0.0);
 
@@ -1214,7 +1218,7 @@ async fn borrowed_loaders_refresh_early_in_the_callers_task() {
     let key = item(2);
     let calls = counter();
     // A slow first load (large delta) on a short TTL makes a refresh certain near expiry.
-    let opts = EntryOptions::millis(400).early_refresh(50.0);
+    let opts = EntryOptions::new(Duration::from_millis(400)).early_refresh(50.0);
     let load = |delay: u64| {
         let calls = &calls;
         move || async move {
