@@ -5,13 +5,13 @@
 //! the default of the test thread; the tests run on a current-thread
 //! runtime, so every task of the cache logs on that thread.
 
-mod common;
+mod support;
 
 use std::fmt::{Debug, Write as _};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::{key, Product};
+use support::{key, Product};
 use tiered_cache::testkit::RedisServer;
 use tiered_cache::{EntryOptions, Key, TieredCache};
 use tracing::field::{Field, Visit};
@@ -129,7 +129,7 @@ async fn redis_trouble_is_logged_once_per_incident_without_secrets_or_values() {
     load(&cache, &key(1), 1).await;
 
     // An entry in Redis that does not decode: logged, without its bytes.
-    let raw_key = common::redis_key("logs", &key(2));
+    let raw_key = support::redis_key("logs", &key(2));
     redis::cmd("SET")
         .arg(&raw_key)
         .arg(format!("garbage {VALUE_MARK}"))

@@ -4,14 +4,14 @@
 //! Every test starts its own `redis-server` (testkit) and counts what
 //! happened: the cache's stats, loader calls, and Redis's own state.
 
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{
-    builder_on, cache_on, command_calls, conn, exists, key, product, redis_key,
+use support::{
+    builder_on, cache_on, command_calls, conn, exists, key, load, product, redis_key,
     reset_command_stats, server, Product,
 };
 use tiered_cache::testkit::RedisServer;
@@ -22,23 +22,6 @@ fn pttl(server: &RedisServer, redis_key: &str) -> i64 {
         .arg(redis_key)
         .query(&mut conn(server))
         .expect("PTTL")
-}
-
-/// `get_or_load` of `key` with a loader that counts its calls and returns
-/// `value`; it does not fail.
-async fn load(
-    cache: &TieredCache,
-    key: &Key<Product>,
-    opts: &EntryOptions,
-    calls: &Arc<AtomicUsize>,
-    value: Product,
-) -> Arc<Product> {
-    let calls = Arc::clone(calls);
-    let loader = move || {
-        calls.fetch_add(1, Ordering::SeqCst);
-        std::future::ready(Ok::<_, std::io::Error>(value))
-    };
-    cache.get_or_load(key, opts, loader).await.unwrap()
 }
 
 #[tokio::test]
@@ -545,7 +528,7 @@ async fn an_l1_hit_is_the_stored_arc_not_a_copy() {
 
     // Let A's message about its set reach B first, or it would (rightly)
     // drop what B promotes.
-    common::until("B hears of A's set", || {
+    support::until("B hears of A's set", || {
         b.stats().invalidations_received >= 1
     })
     .await;
