@@ -104,7 +104,7 @@ async fn build_fixture() -> Fixture {
     let keys = common::keys(KEYS);
     let raw = Cache::builder().max_capacity(2 * KEYS as u64).build();
     let cache = common::l1_only_cache().await;
-    let opts = EntryOptions::mins(60);
+    let opts = EntryOptions::new(Duration::from_secs(60 * 60));
     let config = Cache::builder()
         .max_capacity(512 << 20)
         .weigher(|_: &Arc<str>, _: &Arc<Product>| 400)

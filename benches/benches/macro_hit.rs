@@ -128,7 +128,7 @@ async fn build_fixture() -> Fixture {
     let raw = Cache::builder().max_capacity(2 * KEYS as u64).build();
     let cache = common::l1_only_cache().await;
     tiered_cache::install(cache.clone()).expect("the fixture is built once");
-    let opts = EntryOptions::mins(60);
+    let opts = EntryOptions::new(Duration::from_secs(60 * 60));
     let mut map = HashMap::with_capacity(KEYS);
     for (i, key) in keys.iter().enumerate() {
         let p = product(i as u64);

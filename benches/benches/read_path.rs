@@ -199,7 +199,7 @@ impl Hot {
         let hot = Hot {
             cache: common::redis_cache(url, 64 << 20).await,
             key: Arc::new(Key::new("hot", 1).arg(name)),
-            opts: Arc::new(EntryOptions::millis(200).early_refresh(beta)),
+            opts: Arc::new(EntryOptions::new(Duration::from_millis(200)).early_refresh(beta)),
             loads: Arc::default(),
         };
         hot.read().await; // warm-up: the first read loads

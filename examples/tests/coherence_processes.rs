@@ -21,7 +21,7 @@ fn item(id: u64) -> Key<u64> {
 }
 
 fn opts() -> EntryOptions {
-    EntryOptions::secs(300).tag("items")
+    EntryOptions::new(Duration::from_secs(300)).tag("items")
 }
 
 fn unix_micros() -> u128 {

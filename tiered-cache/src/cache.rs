@@ -271,7 +271,7 @@ impl TieredCache {
     /// use tiered_cache::{EntryOptions, Key, TieredCache};
     /// let cache = TieredCache::builder().build().await.unwrap();
     /// let key = Key::<String>::new("greeting", 1).arg("en");
-    /// let opts = EntryOptions::secs(60);
+    /// let opts = EntryOptions::new(std::time::Duration::from_secs(60));
     /// let v = cache
     ///     .get_or_load(&key, &opts, || async { Ok::<_, std::io::Error>("hello".to_owned()) })
     ///     .await

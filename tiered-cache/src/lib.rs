@@ -85,7 +85,7 @@
 //!     .await?;
 //!
 //! let key = Key::<Product>::new("product", 1).arg(7);
-//! let opts = EntryOptions::mins(30).tag("products");
+//! let opts = EntryOptions::new(Duration::from_secs(30 * 60)).tag("products");
 //! let product = cache
 //!     .get_or_load(&key, &opts, || async {
 //!         Ok::<_, std::io::Error>(Product { id: 7, name: "lamp".into() })

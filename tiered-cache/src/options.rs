@@ -8,7 +8,7 @@ use std::time::Duration;
 /// ```
 /// use std::time::Duration;
 /// use tiered_cache::EntryOptions;
-/// let opts = EntryOptions::mins(30)
+/// let opts = EntryOptions::new(Duration::from_secs(30 * 60))
 ///     .tags(["products", "category:7"])
 ///     .stale(Duration::from_secs(600))          // serve stale for 10 min if the DB fails
 ///     .soft_timeout(Duration::from_millis(50))  // then answer stale, finish the load in the background
@@ -29,24 +29,9 @@ pub struct EntryOptions {
 }
 
 impl EntryOptions {
-    /// Options with this time to live.
+    /// Options with this time to live (sub-second TTLs work in both tiers).
     pub fn new(ttl: Duration) -> Self {
         EntryOptions::default().ttl(ttl)
-    }
-
-    /// Options with a TTL of `secs` seconds.
-    pub fn secs(secs: u64) -> Self {
-        Self::new(Duration::from_secs(secs))
-    }
-
-    /// Options with a TTL of `mins` minutes.
-    pub fn mins(mins: u64) -> Self {
-        Self::new(Duration::from_secs(mins.saturating_mul(60)))
-    }
-
-    /// Options with a TTL of `millis` milliseconds (sub-second TTLs work in both tiers).
-    pub fn millis(millis: u64) -> Self {
-        Self::new(Duration::from_millis(millis))
     }
 
     /// How long the value is fresh. Default: the cache's `default_ttl` (5 minutes).
@@ -172,12 +157,6 @@ impl EntryOptions {
         self.soft_timeout
             .or(defaults.soft_timeout)
             .unwrap_or(Duration::ZERO)
-    }
-}
-
-impl From<Duration> for EntryOptions {
-    fn from(ttl: Duration) -> Self {
-        EntryOptions::new(ttl)
     }
 }
 

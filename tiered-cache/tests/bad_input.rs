@@ -6,28 +6,19 @@
 //! The bad entries are planted with a real Redis (testkit) and read by a
 //! cache with an empty L1, so the bytes really go through decoding.
 
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{cache_on, conn, exists, key, product, server, Product};
+use support::{cache_on, conn, exists, key, opts, product, server, Product};
 use tiered_cache::testkit::RedisServer;
 use tiered_cache::{EntryOptions, Key, TieredCache};
 
 /// Where the cache in namespace `t` keeps `key` in Redis.
 fn redis_key<V>(key: &Key<V>) -> String {
-    common::redis_key("t", key)
-}
-
-fn opts() -> EntryOptions {
-    EntryOptions::mins(5)
-}
-
-/// A cache with an empty L1 on `server`.
-async fn fresh_cache(server: &RedisServer) -> TieredCache {
-    cache_on(server, "t").await
+    support::redis_key("t", key)
 }
 
 /// What is planted under a key before a cache reads it.
@@ -49,7 +40,7 @@ enum Bad {
 
 /// Writes a valid entry for `key` with a cache, then returns its raw bytes.
 async fn valid_bytes(server: &RedisServer, key: &Key<Product>) -> Vec<u8> {
-    let writer = fresh_cache(server).await;
+    let writer = cache_on(server, "t").await;
     writer.set(key, product(0), &opts()).await.unwrap();
     redis::cmd("GET")
         .arg(redis_key(key))
@@ -79,7 +70,7 @@ async fn plant(bad: Bad, server: &RedisServer, key: &Key<Product>) -> String {
             // Same entity, version and argument, so the same Redis key.
             let as_string = Key::<String>::new("product", 1).arg(key_arg(key));
             assert_eq!(as_string.as_str(), key.as_str());
-            let writer = fresh_cache(server).await;
+            let writer = cache_on(server, "t").await;
             writer
                 .set(&as_string, "hello".to_owned(), &opts())
                 .await
@@ -115,7 +106,7 @@ fn key_arg(key: &Key<Product>) -> String {
 async fn get_is_a_counted_miss(bad: Bad, server: &RedisServer) {
     let k = key(1);
     let rk = plant(bad, server, &k).await;
-    let reader = fresh_cache(server).await;
+    let reader = cache_on(server, "t").await;
 
     assert!(reader.get(&k).await.is_none(), "{bad:?}: get is a miss");
     let s = reader.stats();
@@ -127,7 +118,7 @@ async fn get_is_a_counted_miss(bad: Bad, server: &RedisServer) {
     assert!(!exists(server, &rk), "{bad:?}: deleted from Redis");
 
     // The next reader meets a plain miss, not another failure.
-    let next = fresh_cache(server).await;
+    let next = cache_on(server, "t").await;
     assert!(next.get(&k).await.is_none());
     assert_eq!(next.stats().decode_failures, 0, "{bad:?}");
 }
@@ -135,7 +126,7 @@ async fn get_is_a_counted_miss(bad: Bad, server: &RedisServer) {
 async fn get_or_load_loads_and_overwrites(bad: Bad, server: &RedisServer) {
     let k = key(2);
     plant(bad, server, &k).await;
-    let reader = fresh_cache(server).await;
+    let reader = cache_on(server, "t").await;
     let calls = Arc::new(AtomicUsize::new(0));
     let loaded = Product {
         id: 2,
@@ -161,7 +152,7 @@ async fn get_or_load_loads_and_overwrites(bad: Bad, server: &RedisServer) {
     );
 
     // Redis now holds the loader's value: a fresh cache reads it from there.
-    let check = fresh_cache(server).await;
+    let check = cache_on(server, "t").await;
     assert_eq!(check.get(&k).await.as_deref(), Some(&loaded), "{bad:?}");
     let s = check.stats();
     assert_eq!((s.l2_hits, s.decode_failures), (1, 0), "{bad:?}");
@@ -170,13 +161,13 @@ async fn get_or_load_loads_and_overwrites(bad: Bad, server: &RedisServer) {
 async fn get_many_is_a_miss_for_the_bad_key_only(bad: Bad, server: &RedisServer) {
     let (bad_key, good_key) = (key(3), key(4));
     let rk = plant(bad, server, &bad_key).await;
-    fresh_cache(server)
+    cache_on(server, "t")
         .await
         .set(&good_key, product(4), &opts())
         .await
         .unwrap();
 
-    let reader = fresh_cache(server).await;
+    let reader = cache_on(server, "t").await;
     let got = reader.get_many(&[bad_key.clone(), good_key]).await;
     assert!(got[0].is_none(), "{bad:?}: the bad key is a miss");
     assert_eq!(got[1].as_deref(), Some(&product(4)), "{bad:?}");
@@ -256,7 +247,7 @@ async fn redis_out_of_memory_degrades_to_l1_and_the_loader() {
     let server =
         RedisServer::start_with(&["--maxmemory", "1mb", "--maxmemory-policy", "noeviction"])
             .expect("redis-server");
-    let cache = fresh_cache(&server).await;
+    let cache = cache_on(&server, "t").await;
 
     // Fill Redis until it refuses writes. Freed buffers can bring it back
     // under the limit, so it is topped up before each step below.
@@ -318,13 +309,13 @@ impl tiered_cache::Codec for Json {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_codec_can_fail_and_its_failure_is_a_counted_miss() {
     let server = server();
-    let writer = fresh_cache(&server).await;
+    let writer = cache_on(&server, "t").await;
     let as_product = Key::<Product, Json>::new("json", 1).arg(1);
     writer
         .set(&as_product, product(1), &opts())
         .await
         .expect("set");
-    let reader = fresh_cache(&server).await;
+    let reader = cache_on(&server, "t").await;
     assert_eq!(reader.get(&as_product).await.as_deref(), Some(&product(1)));
     let raw: Vec<u8> = redis::cmd("GET")
         .arg(format!("t:{}", as_product.as_str()))
@@ -341,7 +332,7 @@ async fn a_user_codec_can_fail_and_its_failure_is_a_counted_miss() {
         .await
         .expect("set");
     let clash = Key::<Product, Json>::new("json", 1).arg(2);
-    let reader = fresh_cache(&server).await;
+    let reader = cache_on(&server, "t").await;
     assert_eq!(reader.get(&clash).await, None);
     assert_eq!(reader.stats().decode_failures, 1, "{:?}", reader.stats());
     let loaded = reader
@@ -467,7 +458,7 @@ fn arbitrary_bytes_as_an_entry_are_a_counted_miss_on_every_path() {
             .query::<()>(&mut conn(&server))
             .expect("SET");
         rt.block_on(async {
-            let cache = fresh_cache(&server).await;
+            let cache = cache_on(&server, "t").await;
             let found = match path {
                 0 => cache.get(&k).await.is_some(),
                 1 => cache.get_many(std::slice::from_ref(&k)).await[0].is_some(),

@@ -6,24 +6,16 @@
 //! Races are ordered deterministically: a loader that waits on a signal, or
 //! a Redis paused with SIGSTOP while commands queue up.
 
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{builder_on, cache_on, conn, server, until};
 use proptest::prelude::*;
-use tiered_cache::{EntryOptions, Key, TieredCache};
+use support::{builder_on, cache_on, conn, item, opts, server, until};
+use tiered_cache::{Key, TieredCache};
 use tokio::sync::Notify;
-
-fn item(id: u64) -> Key<u64> {
-    Key::new("item", 1).arg(id)
-}
-
-fn opts() -> EntryOptions {
-    EntryOptions::new(Duration::from_secs(300))
-}
 
 /// What each instance, and one that starts now, reads for `key`.
 async fn fleet_reads(
@@ -69,7 +61,7 @@ async fn a_slow_load_never_overwrites_a_newer_set_on_any_instance() {
     let server = server();
     let a = cache_on(&server, "cas-set").await;
     let b = cache_on(&server, "cas-set").await;
-    let key = item(1);
+    let key = item::<u64>(1);
 
     let (gate, load) = gated_load(&a, &key, 1).await; // A read the database: 1
     b.set(&key, 2, &opts()).await.expect("set"); // then the application wrote 2
@@ -90,7 +82,7 @@ async fn a_slow_load_never_brings_back_an_invalidated_entry() {
     let server = server();
     let a = cache_on(&server, "cas-inval").await;
     let b = cache_on(&server, "cas-inval").await;
-    let key = item(1);
+    let key = item::<u64>(1);
     b.set(&key, 1, &opts()).await.expect("set");
     a.invalidate(&key).await.expect("invalidate"); // a miss on A from here
 
@@ -107,7 +99,7 @@ async fn a_slow_load_never_brings_back_an_invalidated_entry() {
 async fn a_load_racing_a_local_set_keeps_the_set() {
     let server = server();
     let a = cache_on(&server, "cas-local").await;
-    let key = item(1);
+    let key = item::<u64>(1);
     let (gate, load) = gated_load(&a, &key, 1).await;
     a.set(&key, 2, &opts()).await.expect("set");
     gate.notify_one();
@@ -122,7 +114,7 @@ async fn a_load_racing_a_local_set_keeps_the_set() {
 async fn a_set_wins_over_a_promotion_that_started_before_it() {
     let server = server();
     let writer = cache_on(&server, "cas-promo").await;
-    let key = item(1);
+    let key = item::<u64>(1);
     writer.set(&key, 1, &opts()).await.expect("set");
     let a = builder_on(&server, "cas-promo")
         .l2_timeout(Duration::from_secs(5))
@@ -166,7 +158,7 @@ async fn a_reader_racing_an_invalidate_never_brings_the_old_value_back() {
     let a = cache_on(&server, "cas-drop").await;
     let mut brought_back = 0;
     for id in 0..200 {
-        let key = item(id);
+        let key = item::<u64>(id);
         a.set(&key, id, &opts()).await.expect("set");
         let reader = {
             let (a, key) = (a.clone(), key.clone());
@@ -194,7 +186,7 @@ async fn versions_only_grow() {
     let server = server();
     let a = cache_on(&server, "cas-versions").await;
     let b = cache_on(&server, "cas-versions").await;
-    let key = item(1);
+    let key = item::<u64>(1);
     let mut c = conn(&server);
     let version = |c: &mut redis::Connection| -> u64 {
         redis::cmd("GET")
@@ -240,7 +232,7 @@ fn interleavings_never_leave_an_older_value_readable() {
         ..ProptestConfig::default()
     };
     proptest!(config, |(ops in prop::collection::vec((0..3_u8, 0..2_usize, 0..3_u64), 4..12))| {
-        let key = item(round.fetch_add(1, Ordering::Relaxed));
+        let key = item::<u64>(round.fetch_add(1, Ordering::Relaxed));
         rt.block_on(async {
             // The database: the latest value written.
             let db = Arc::new(AtomicU64::new(0));

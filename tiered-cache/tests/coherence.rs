@@ -10,14 +10,14 @@
 //! a concurrent PING loop stays under 50 ms during a tag invalidation of
 //! 100,000 entries.
 
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{
-    builder_on, cache_on as instance, command_calls, conn, reset_command_stats, server,
+use support::{
+    builder_on, cache_on as instance, command_calls, conn, item, reset_command_stats, server,
     until_within,
 };
 use tiered_cache::testkit::RedisServer;
@@ -30,12 +30,9 @@ const HANG: Duration = Duration::from_secs(15);
 /// reading: it measures Redis, not the other tests sharing the two cores.
 static QUIET: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-fn item(id: u64) -> Key<u64> {
-    Key::new("item", 1).arg(id)
-}
-
+/// [`support::opts`] with the tag "items".
 fn opts() -> EntryOptions {
-    EntryOptions::secs(300).tag("items")
+    support::opts().tag("items")
 }
 
 /// Two instances in `namespace`, built one after the other.
@@ -143,7 +140,7 @@ async fn never_the_old_value(n: usize, rounds: u64) {
     let (mut sets, mut invalidations, mut tags) = Default::default();
     let mut expected = 0; // invalidations every peer has received so far
     for round in 0..rounds {
-        let key = item(round);
+        let key = item::<u64>(round);
         a.set(&key, round, &opts()).await.expect("set");
         expected += 1;
         for peer in peers {
@@ -204,7 +201,7 @@ async fn concurrent_readers_never_bring_an_old_value_back() {
     let _quiet = QUIET.read().await;
     let server = server();
     let (a, b) = two(&server, "race").await;
-    let key = item(1);
+    let key = item::<u64>(1);
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..3 {
@@ -257,7 +254,7 @@ async fn bursts_are_batched_into_few_messages() {
     let mut burst = tokio::task::JoinSet::new();
     for id in 0..2_000 {
         let a = a.clone();
-        burst.spawn(async move { a.invalidate(&item(id)).await });
+        burst.spawn(async move { a.invalidate(&item::<u64>(id)).await });
     }
     while let Some(done) = burst.join_next().await {
         done.expect("task").expect("invalidate");
@@ -284,7 +281,7 @@ async fn a_killed_subscription_is_restored_and_l1_cleared() {
         .build()
         .await
         .expect("build");
-    let key = item(1);
+    let key = item::<u64>(1);
     a_writes_b_warms(&a, &b, &key).await;
     silent.set(&key, 2, &opts()).await.expect("set");
     assert_eq!(b.get(&key).await.as_deref(), Some(&1), "B missed it");
@@ -316,8 +313,8 @@ async fn a_redis_restart_is_a_gap_too() {
     let _quiet = QUIET.read().await;
     let mut server = server();
     let (a, b) = two(&server, "restart").await;
-    let key = item(1);
-    let tagged = item(2);
+    let key = item::<u64>(1);
+    let tagged = item::<u64>(2);
     let version = |server: &RedisServer| -> Option<u64> {
         redis::cmd("GET")
             .arg("restart:#tag:items")
@@ -388,20 +385,20 @@ async fn invalidating_a_tag_of_100k_entries_does_not_block_redis() {
         .build()
         .await
         .expect("build");
-    let bulk = EntryOptions::secs(300).tag("bulk");
+    let bulk = EntryOptions::new(Duration::from_secs(300)).tag("bulk");
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..16 {
         let (seeder, bulk) = (seeder.clone(), bulk.clone());
         writers.spawn(async move {
             for id in (w..N).step_by(16) {
-                seeder.set(&item(id), id, &bulk).await.expect("set");
+                seeder.set(&item::<u64>(id), id, &bulk).await.expect("set");
             }
         });
     }
     while let Some(done) = writers.join_next().await {
         done.expect("writer");
     }
-    let keys: Vec<Key<u64>> = (0..N).map(item).collect();
+    let keys: Vec<Key<u64>> = (0..N).map(item::<u64>).collect();
     for chunk in keys.chunks(1_000) {
         let got = b.get_many(chunk).await;
         assert!(got.iter().all(Option::is_some), "seeded");
@@ -459,14 +456,14 @@ async fn clear_on_one_instance_empties_every_instance() {
     let all = instances(&server, "clear", 3).await;
     let (a, b, c) = (&all[0], &all[1], &all[2]);
     let other_namespace = instance(&server, "clear-other").await;
-    let keys: Vec<Key<u64>> = (0..50).map(item).collect();
+    let keys: Vec<Key<u64>> = (0..50).map(item::<u64>).collect();
     for (id, key) in keys.iter().enumerate() {
-        a.set(key, id as u64, &EntryOptions::secs(300))
+        a.set(key, id as u64, &EntryOptions::new(Duration::from_secs(300)))
             .await
             .expect("set");
     }
     other_namespace
-        .set(&keys[0], 42, &EntryOptions::secs(300))
+        .set(&keys[0], 42, &EntryOptions::new(Duration::from_secs(300)))
         .await
         .expect("set");
     await_received(b, 50).await;
@@ -485,7 +482,7 @@ async fn clear_on_one_instance_empties_every_instance() {
     assert_eq!(late.get_many(&keys).await.iter().flatten().count(), 0);
     // Other namespaces are untouched; new writes work as before.
     assert_eq!(other_namespace.get(&keys[0]).await.as_deref(), Some(&42));
-    a.set(&keys[0], 7, &EntryOptions::secs(300))
+    a.set(&keys[0], 7, &EntryOptions::new(Duration::from_secs(300)))
         .await
         .expect("set");
     await_received(b, 52).await;
@@ -503,7 +500,7 @@ async fn a_late_instance_honours_earlier_tag_invalidations() {
         .build()
         .await
         .expect("build");
-    let key = item(1);
+    let key = item::<u64>(1);
     // Written with the tag at its old version, then the tag is bumped by an
     // instance whose bump nobody hears.
     a.set(&key, 1, &opts()).await.expect("set");
@@ -528,7 +525,7 @@ async fn with_the_backplane_off_l2_reads_still_honour_tags() {
         .build()
         .await
         .expect("build");
-    let key = item(1);
+    let key = item::<u64>(1);
     a.set(&key, 1, &opts()).await.expect("set");
     await_received(&b, 1).await;
     assert_eq!(off.get(&key).await.as_deref(), Some(&1));
@@ -554,7 +551,7 @@ async fn an_undecodable_message_clears_l1() {
     let _quiet = QUIET.read().await;
     let server = server();
     let (a, b) = two(&server, "garbage").await;
-    let key = item(1);
+    let key = item::<u64>(1);
     a_writes_b_warms(&a, &b, &key).await;
     let _: u64 = redis::cmd("PUBLISH")
         .arg("garbage:#backplane")
@@ -576,7 +573,7 @@ async fn receivers_send_redis_nothing_and_nobody_scans() {
     let server = server();
     let all = instances(&server, "quiet-receivers", 4).await;
     let (a, others) = all.split_first().expect("four instances");
-    let key = item(1);
+    let key = item::<u64>(1);
     a.set(&key, 1, &opts()).await.expect("set");
     for b in others {
         await_received(b, 1).await;
@@ -638,10 +635,10 @@ async fn caches_on_two_databases_of_one_redis_never_touch_each_other() {
         on_db(0).await.expect("build"),
         on_db(1).await.expect("build"),
     );
-    let (plain, tagged) = (item(1), item(2));
+    let (plain, tagged) = (item::<u64>(1), item::<u64>(2));
     for cache in [&zero, &one] {
         cache
-            .set(&plain, 1, &EntryOptions::secs(300))
+            .set(&plain, 1, &EntryOptions::new(Duration::from_secs(300)))
             .await
             .expect("set");
         cache.set(&tagged, 2, &opts()).await.expect("set");
@@ -650,7 +647,7 @@ async fn caches_on_two_databases_of_one_redis_never_touch_each_other() {
     zero.invalidate_tag("items").await.expect("invalidate_tag");
     zero.invalidate(&plain).await.expect("invalidate");
     // A message that reached DB 1's instance would have landed by now.
-    let probe = item(3);
+    let probe = item::<u64>(3);
     zero.set(&probe, 3, &opts()).await.expect("set");
     tokio::time::sleep(Duration::from_millis(300)).await;
 

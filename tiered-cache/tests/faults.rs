@@ -5,7 +5,7 @@
 //!
 //! Times are printed, and asserted only as generous bounds that catch hangs.
 
-mod common;
+mod support;
 
 use std::error::Error as _;
 use std::net::TcpListener;
@@ -13,17 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{key, product, server, Product};
+use support::{key, opts, product, server, Product};
 use tiered_cache::testkit::RedisServer;
-use tiered_cache::{EntryOptions, Key, TieredCache};
+use tiered_cache::{Key, TieredCache};
 
 /// Where the cache in namespace `t` keeps `key` in Redis.
 fn redis_key(key: &Key<Product>) -> String {
-    common::redis_key("t", key)
-}
-
-fn opts() -> EntryOptions {
-    EntryOptions::mins(5)
+    support::redis_key("t", key)
 }
 
 /// Longest any single cache call may take before we call it a hang.
@@ -39,7 +35,7 @@ async fn cache_at(url: &str) -> TieredCache {
 }
 
 /// Whether Redis holds `redis_key`; false while Redis is down (unlike
-/// `common::exists`, which fails the test).
+/// `support::exists`, which fails the test).
 fn exists(server: &RedisServer, redis_key: &str) -> bool {
     let Ok(mut conn) = server.connection() else {
         return false;
@@ -50,24 +46,17 @@ fn exists(server: &RedisServer, redis_key: &str) -> bool {
         .is_ok_and(|n| n == 1)
 }
 
-/// `get_or_load` with a loader that counts its calls and returns `value`;
-/// whatever Redis does, it neither fails nor hangs.
+/// [`support::load`] with [`opts`]: whatever Redis does, it neither fails
+/// nor hangs.
 async fn load(
     cache: &TieredCache,
     key: &Key<Product>,
     calls: &Arc<AtomicUsize>,
     value: Product,
 ) -> Arc<Product> {
-    let calls = Arc::clone(calls);
-    let opts = opts();
-    let call = cache.get_or_load(key, &opts, move || async move {
-        calls.fetch_add(1, Ordering::SeqCst);
-        Ok::<_, std::io::Error>(value)
-    });
-    tokio::time::timeout(HANG, call)
+    tokio::time::timeout(HANG, support::load(cache, key, &opts(), calls, value))
         .await
         .expect("get_or_load hung")
-        .expect("no error")
 }
 
 /// Once Redis is back (after `event`): sets product 100 with `cache` until

@@ -5,13 +5,13 @@
 //! the default of the test thread; the tests run on a current-thread
 //! runtime, so every task of the cache logs on that thread.
 
-mod common;
+mod support;
 
 use std::fmt::{Debug, Write as _};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::{key, Product};
+use support::{key, Product};
 use tiered_cache::testkit::RedisServer;
 use tiered_cache::{EntryOptions, Key, TieredCache};
 use tracing::field::{Field, Visit};
@@ -82,9 +82,11 @@ fn marked(id: u64) -> Product {
 /// `get_or_load` of `key` whose loader returns `marked(id)`.
 async fn load(cache: &TieredCache, key: &Key<Product>, id: u64) -> Arc<Product> {
     cache
-        .get_or_load(key, &EntryOptions::mins(5), move || async move {
-            Ok::<_, std::io::Error>(marked(id))
-        })
+        .get_or_load(
+            key,
+            &EntryOptions::new(Duration::from_secs(5 * 60)),
+            move || async move { Ok::<_, std::io::Error>(marked(id)) },
+        )
         .await
         .expect("the loader stands in for Redis")
 }
@@ -127,7 +129,7 @@ async fn redis_trouble_is_logged_once_per_incident_without_secrets_or_values() {
     load(&cache, &key(1), 1).await;
 
     // An entry in Redis that does not decode: logged, without its bytes.
-    let raw_key = common::redis_key("logs", &key(2));
+    let raw_key = support::redis_key("logs", &key(2));
     redis::cmd("SET")
         .arg(&raw_key)
         .arg(format!("garbage {VALUE_MARK}"))
@@ -196,7 +198,11 @@ async fn a_refused_publish_is_logged_once_and_is_not_an_outage() {
         .expect("build");
     for id in 0..20 {
         cache
-            .set(&key(id), marked(id), &EntryOptions::mins(5))
+            .set(
+                &key(id),
+                marked(id),
+                &EntryOptions::new(Duration::from_secs(5 * 60)),
+            )
             .await
             .expect("set");
         tokio::time::sleep(Duration::from_millis(5)).await; // each set its own PUBLISH

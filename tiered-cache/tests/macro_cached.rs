@@ -5,14 +5,14 @@
 //! parallel; none uses the process-wide default cache (`default_cache.rs`
 //! does).
 
-mod common;
+mod support;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
-use common::{builder_on, cache_on, server, Product};
 use serde::{Deserialize, Serialize};
+use support::{builder_on, cache_on, server, Product};
 use tiered_cache::testkit::RedisServer;
 use tiered_cache::{cached, Key, TieredCache};
 
@@ -625,14 +625,14 @@ async fn a_bad_entry_is_a_miss_through_the_macro() {
     redis::cmd("SET")
         .arg(&redis_key)
         .arg(b"\xff\x00garbage".as_slice())
-        .query::<()>(&mut common::conn(&server))
+        .query::<()>(&mut support::conn(&server))
         .unwrap();
     assert_eq!(cube(&cache, 4).await, 64);
     assert_eq!(CUBE_CALLS.load(SeqCst), 1, "the body ran instead");
     assert_eq!(cache.stats().decode_failures, 1);
     let stored: Vec<u8> = redis::cmd("GET")
         .arg(&redis_key)
-        .query(&mut common::conn(&server))
+        .query(&mut support::conn(&server))
         .unwrap();
     assert_ne!(stored, b"\xff\x00garbage", "the garbage was replaced");
     assert_eq!(cube(&cache, 4).await, 64);

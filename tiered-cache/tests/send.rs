@@ -23,7 +23,7 @@ async fn futures_are_send() {
     let cache = builder.build().await.unwrap();
     let key = Key::<Product>::new("product", 1).arg(1);
     let keys = vec![key.clone(), Key::new("product", 1).arg(2)];
-    let opts = EntryOptions::secs(60).tag("products");
+    let opts = EntryOptions::new(Duration::from_secs(60)).tag("products");
 
     is_send(cache.get(&key));
     is_send(cache.get_many(&keys));

@@ -1,19 +1,16 @@
 //! Tag invalidation when things go wrong: a bump Redis could not take, and
 //! a fleet that sees millions of distinct tags.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{builder_on, server};
-use tiered_cache::{EntryOptions, Key};
+use support::{builder_on, item, server};
+use tiered_cache::EntryOptions;
 
-fn item(id: u64) -> Key<u64> {
-    Key::new("item", 1).arg(id)
-}
-
+/// [`support::opts`] with the tag "products".
 fn products() -> EntryOptions {
-    EntryOptions::new(Duration::from_secs(300)).tag("products")
+    support::opts().tag("products")
 }
 
 /// A bump that fails (Redis paused) drops the tag's entries from L1, as it
@@ -27,7 +24,10 @@ async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
         .build()
         .await
         .expect("build");
-    cache.set(&item(1), 1, &products()).await.expect("set");
+    cache
+        .set(&item::<u64>(1), 1, &products())
+        .await
+        .expect("set");
 
     server.pause().expect("SIGSTOP");
     assert!(
@@ -35,7 +35,7 @@ async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
         "Redis could not be told"
     );
     let before = cache.stats();
-    let _ = cache.get(&item(1)).await; // Redis is paused: a miss, not the old L1 entry
+    let _ = cache.get(&item::<u64>(1)).await; // Redis is paused: a miss, not the old L1 entry
     assert_eq!(
         cache.stats().l1_hits,
         before.l1_hits,
@@ -45,10 +45,13 @@ async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
     // The tier rests 500 ms after a timeout, then uses Redis again.
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    cache.set(&item(2), 2, &products()).await.expect("set");
+    cache
+        .set(&item::<u64>(2), 2, &products())
+        .await
+        .expect("set");
     let before = cache.stats();
     for _ in 0..10 {
-        assert_eq!(cache.get(&item(2)).await.as_deref(), Some(&2));
+        assert_eq!(cache.get(&item::<u64>(2)).await.as_deref(), Some(&2));
     }
     let after = cache.stats();
     assert_eq!(after.l1_hits - before.l1_hits, 10, "{after:?}");

@@ -4,14 +4,14 @@
 //! Every test starts its own `redis-server` (testkit) and counts what
 //! happened: the cache's stats, loader calls, and Redis's own state.
 
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{
-    builder_on, cache_on, command_calls, conn, exists, key, product, redis_key,
+use support::{
+    builder_on, cache_on, command_calls, conn, exists, key, load, product, redis_key,
     reset_command_stats, server, Product,
 };
 use tiered_cache::testkit::RedisServer;
@@ -24,28 +24,11 @@ fn pttl(server: &RedisServer, redis_key: &str) -> i64 {
         .expect("PTTL")
 }
 
-/// `get_or_load` of `key` with a loader that counts its calls and returns
-/// `value`; it does not fail.
-async fn load(
-    cache: &TieredCache,
-    key: &Key<Product>,
-    opts: &EntryOptions,
-    calls: &Arc<AtomicUsize>,
-    value: Product,
-) -> Arc<Product> {
-    let calls = Arc::clone(calls);
-    let loader = move || {
-        calls.fetch_add(1, Ordering::SeqCst);
-        std::future::ready(Ok::<_, std::io::Error>(value))
-    };
-    cache.get_or_load(key, opts, loader).await.unwrap()
-}
-
 #[tokio::test]
 async fn reads_go_l1_then_l2_then_loader_and_l2_hits_are_promoted() {
     let server = server();
     let a = cache_on(&server, "t").await;
-    let opts = EntryOptions::mins(5);
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
 
     a.set(&key(1), product(1), &opts).await.unwrap();
     assert!(
@@ -94,7 +77,7 @@ async fn sub_second_ttls_expire_in_both_tiers() {
     let server = server();
     let a = cache_on(&server, "t").await;
     let b = cache_on(&server, "t").await;
-    let ttl = EntryOptions::millis(400);
+    let ttl = EntryOptions::new(Duration::from_millis(400));
 
     a.set(&key(1), product(1), &ttl).await.unwrap();
     let rk = redis_key("t", &key(1));
@@ -137,9 +120,13 @@ async fn promotion_keeps_the_remaining_ttl() {
     let rk = redis_key("t", &key(1));
 
     let written = Instant::now();
-    a.set(&key(1), product(1), &EntryOptions::secs(2))
-        .await
-        .unwrap();
+    a.set(
+        &key(1),
+        product(1),
+        &EntryOptions::new(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(b.get(&key(1)).await.is_some());
     assert_eq!(b.stats().l2_hits, 1, "promoted from Redis after ~1 s");
@@ -168,7 +155,7 @@ async fn promotion_keeps_the_remaining_ttl() {
 async fn without_redis_the_cache_is_l1_only() {
     let cache = TieredCache::builder().build().await.unwrap();
     assert!(!cache.has_l2());
-    let opts = EntryOptions::mins(5);
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
 
     assert!(cache.get(&key(1)).await.is_none());
     cache.set(&key(1), product(1), &opts).await.unwrap();
@@ -186,7 +173,11 @@ async fn without_redis_the_cache_is_l1_only() {
 
     // A sub-second TTL expires in L1 alone, too.
     cache
-        .set(&key(3), product(3), &EntryOptions::millis(200))
+        .set(
+            &key(3),
+            product(3),
+            &EntryOptions::new(Duration::from_millis(200)),
+        )
         .await
         .unwrap();
     assert!(cache.get(&key(3)).await.is_some());
@@ -210,7 +201,11 @@ async fn l1_max_bytes_zero_turns_l1_off() {
         .await
         .unwrap();
     cache
-        .set(&key(1), product(1), &EntryOptions::mins(5))
+        .set(
+            &key(1),
+            product(1),
+            &EntryOptions::new(Duration::from_secs(5 * 60)),
+        )
         .await
         .unwrap();
     reset_command_stats(&server);
@@ -226,7 +221,14 @@ async fn l1_max_bytes_zero_turns_l1_off() {
     // get_or_load also reads Redis every time and loads nothing.
     let calls = Arc::new(AtomicUsize::new(0));
     for _ in 0..3 {
-        load(&cache, &key(1), &EntryOptions::mins(5), &calls, product(9)).await;
+        load(
+            &cache,
+            &key(1),
+            &EntryOptions::new(Duration::from_secs(5 * 60)),
+            &calls,
+            product(9),
+        )
+        .await;
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     assert_eq!(cache.stats().l2_hits, 8);
@@ -242,7 +244,7 @@ async fn l1_stays_within_its_byte_bound() {
         .build()
         .await
         .unwrap();
-    let opts = EntryOptions::mins(5);
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
     let value = "x".repeat(200);
     // 10x the bound in value bytes alone.
     let n = (10 * BOUND / 200) as usize;
@@ -285,7 +287,7 @@ async fn l1_stays_within_its_byte_bound() {
 async fn l1_ttl_cap_shortens_l1_but_not_redis() {
     let server = server();
     let a = cache_on(&server, "t").await;
-    let opts = EntryOptions::mins(5);
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
     a.set(&key(1), product(1), &opts).await.unwrap();
     // Built after A's write, as in the first test.
     let b = builder_on(&server, "t")
@@ -323,7 +325,7 @@ async fn l1_ttl_cap_does_not_make_entries_look_near_expiry() {
         .build()
         .await
         .unwrap();
-    let opts = EntryOptions::mins(5); // XFetch on, beta 1
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60)); // XFetch on, beta 1
     let calls = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut reads = 0;
@@ -358,7 +360,7 @@ async fn l1_ttl_cap_does_not_make_entries_look_near_expiry() {
 async fn invalidate_removes_from_both_tiers() {
     let server = server();
     let a = cache_on(&server, "t").await;
-    let opts = EntryOptions::mins(5);
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
     a.set(&key(1), product(1), &opts).await.unwrap();
     let rk = redis_key("t", &key(1));
     assert!(exists(&server, &rk));
@@ -382,7 +384,7 @@ async fn the_namespace_prefixes_every_redis_key() {
     let server = server();
     let orders = cache_on(&server, "orders").await;
     let billing = cache_on(&server, "billing").await;
-    let opts = EntryOptions::mins(5);
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
     orders.set(&key(1), product(1), &opts).await.unwrap();
     orders.set(&key(2), product(2), &opts).await.unwrap();
     billing.set(&key(1), product(100), &opts).await.unwrap();
@@ -420,7 +422,7 @@ async fn oversized_values_stay_in_l1_only() {
         .build()
         .await
         .unwrap();
-    let opts = EntryOptions::mins(5);
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
     let big = Key::<String>::new("blob", 1).arg("big");
     let small = Key::<String>::new("blob", 1).arg("small");
 
@@ -466,7 +468,11 @@ async fn a_redis_key_carries_its_entry_hash_tag() {
     // Braces in arguments must not end or open the hash tag.
     let k = Key::<Product>::new("product", 1).arg("a}b").arg("{c");
     cache
-        .set(&k, product(1), &EntryOptions::mins(5))
+        .set(
+            &k,
+            product(1),
+            &EntryOptions::new(Duration::from_secs(5 * 60)),
+        )
         .await
         .unwrap();
     let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -507,7 +513,7 @@ async fn an_l1_hit_is_the_stored_arc_not_a_copy() {
         cache_on(&server, "arc").await,
     );
     let calls = Arc::new(AtomicUsize::new(0));
-    let opts = EntryOptions::secs(60);
+    let opts = EntryOptions::new(Duration::from_secs(60));
 
     let loaded = load(&a, &key(1), &opts, &calls, product(1)).await;
     let hit = a.get(&key(1)).await.expect("hit");
@@ -522,7 +528,7 @@ async fn an_l1_hit_is_the_stored_arc_not_a_copy() {
 
     // Let A's message about its set reach B first, or it would (rightly)
     // drop what B promotes.
-    common::until("B hears of A's set", || {
+    support::until("B hears of A's set", || {
         b.stats().invalidations_received >= 1
     })
     .await;

@@ -23,7 +23,11 @@ async fn rediss_urls_reach_a_tls_only_server() {
     let (writer, reader) = (build().await, build().await);
     let key = Key::<String>::new("greeting", 1).arg("tls");
     writer
-        .set(&key, "over tls".to_owned(), &EntryOptions::secs(30))
+        .set(
+            &key,
+            "over tls".to_owned(),
+            &EntryOptions::new(Duration::from_secs(30)),
+        )
         .await
         .expect("set");
     let read = reader

@@ -236,7 +236,7 @@ pub async fn populate(url: &str, keys: &std::sync::Arc<Vec<Key<Product>>>) {
         .map(|t| {
             let (cache, keys) = (cache.clone(), std::sync::Arc::clone(keys));
             tokio::spawn(async move {
-                let opts = tiered_cache::EntryOptions::mins(60);
+                let opts = tiered_cache::EntryOptions::new(Duration::from_secs(60 * 60));
                 for i in (t as usize..keys.len()).step_by(64) {
                     cache
                         .set(&keys[i], product(i as u64), &opts)

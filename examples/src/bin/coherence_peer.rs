@@ -54,7 +54,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ["quit"] => break,
             ["get", id] => get(&cache, id.parse()?).await,
             ["set", id, v] => {
-                let opts = EntryOptions::secs(300).tag("items");
+                let opts = EntryOptions::new(Duration::from_secs(300)).tag("items");
                 cache
                     .set(&item(id.parse()?), v.parse::<u64>()?, &opts)
                     .await?;

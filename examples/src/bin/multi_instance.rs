@@ -58,7 +58,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = Arc::new(Database::default());
     db.price_cents.store(1_000, Ordering::Relaxed);
     let key = Key::<Product>::new("product", 1).arg(7);
-    let opts = EntryOptions::mins(30).tag("products");
+    let opts = EntryOptions::new(Duration::from_secs(30 * 60)).tag("products");
     api1.clear().await?; // start clean on a shared REDIS_URL
     let read = |cache: &TieredCache| {
         let (cache, key, opts, db) = (cache.clone(), key.clone(), opts.clone(), db.clone());

@@ -48,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cache = builder.build().await?;
     let db = Arc::new(Database::default());
     let key = Key::<Product>::new("product", 1).arg(42);
-    let opts = EntryOptions::secs(60).tag("products");
+    let opts = EntryOptions::new(Duration::from_secs(60)).tag("products");
     cache.invalidate(&key).await.ok(); // start clean when REDIS_URL is a shared server
 
     let report = |step: &str, cache: &TieredCache, started: Instant| {

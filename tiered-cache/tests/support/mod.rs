@@ -1,0 +1,233 @@
+//! What the integration tests share: the `Product` value and its keys, the
+//! `item` keys, a test Redis and caches on it, loaders that count their
+//! calls, what Redis itself says (keys, command counts), and a bounded
+//! wait. Included with `mod support;` by each test file, so not every file
+//! uses every item.
+#![allow(dead_code)]
+
+use std::future::Ready;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tiered_cache::testkit::RedisServer;
+use tiered_cache::{EntryOptions, Key, LoadError, TieredCache, TieredCacheBuilder};
+
+/// The value most tests cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Product {
+    pub id: u64,
+    pub name: String,
+}
+
+/// Product `id`, named "product {id}".
+pub fn product(id: u64) -> Product {
+    Product {
+        id,
+        name: format!("product {id}"),
+    }
+}
+
+/// The key of product `id`: `{product:v1:ID}`.
+pub fn key(id: u64) -> Key<Product> {
+    Key::new("product", 1).arg(id)
+}
+
+/// The key of item `id`: `{item:v1:ID}`, for any value type.
+pub fn item<V>(id: u64) -> Key<V> {
+    Key::new("item", 1).arg(id)
+}
+
+/// The key of an item that caches a string.
+pub type Item = Key<String>;
+
+/// Five minutes to live, nothing else set.
+pub fn opts() -> EntryOptions {
+    EntryOptions::new(Duration::from_secs(5 * 60))
+}
+
+/// The error of the loaders below (not `Clone`, as a database error often is not).
+#[derive(Debug, PartialEq)]
+pub struct DbError(pub &'static str);
+
+/// A count of loader calls.
+pub fn counter() -> Arc<AtomicUsize> {
+    Arc::new(AtomicUsize::new(0))
+}
+
+/// A loader that returns `value` at once.
+pub fn quick(value: &str) -> impl FnOnce() -> Ready<Result<String, DbError>> {
+    let value = value.to_owned();
+    move || std::future::ready(Ok(value))
+}
+
+/// A loader that counts its call in `calls` and returns `value` at once.
+pub fn counting<V>(
+    calls: &Arc<AtomicUsize>,
+    value: V,
+) -> impl FnOnce() -> Ready<Result<V, DbError>> {
+    let calls = Arc::clone(calls);
+    move || {
+        calls.fetch_add(1, SeqCst);
+        std::future::ready(Ok(value))
+    }
+}
+
+/// A loader that counts its call in `calls` and fails with "db down".
+pub fn failing<V>(calls: &Arc<AtomicUsize>) -> impl FnOnce() -> Ready<Result<V, DbError>> {
+    let calls = Arc::clone(calls);
+    move || {
+        calls.fetch_add(1, SeqCst);
+        std::future::ready(Err(DbError("db down")))
+    }
+}
+
+/// `get_or_load` of `key` with a [`counting`] loader that returns `value`;
+/// it does not fail.
+pub async fn load<V>(
+    cache: &TieredCache,
+    key: &Key<V>,
+    opts: &EntryOptions,
+    calls: &Arc<AtomicUsize>,
+    value: V,
+) -> Arc<V>
+where
+    V: Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    cache
+        .get_or_load(key, opts, counting(calls, value))
+        .await
+        .expect("the counting loader does not fail")
+}
+
+/// A spawned `get_or_load` caller.
+pub type Caller = tokio::task::JoinHandle<Result<Arc<String>, LoadError<DbError>>>;
+
+/// Spawns `n` callers of `key` with `opts`; each one's loader counts a call
+/// and holds the load open until the other `n - 1` callers wait on it, then
+/// returns `result`.
+pub fn stampede(
+    cache: &TieredCache,
+    key: &Key<String>,
+    opts: &EntryOptions,
+    n: usize,
+    calls: &Arc<AtomicUsize>,
+    result: fn() -> Result<String, DbError>,
+) -> Vec<Caller> {
+    let waits_before = cache.stats().coalesced_waits;
+    (0..n)
+        .map(|_| {
+            let (cache, key, calls, opts) =
+                (cache.clone(), key.clone(), calls.clone(), opts.clone());
+            tokio::spawn(async move {
+                let watcher = cache.clone();
+                cache
+                    .get_or_load(&key, &opts, move || async move {
+                        calls.fetch_add(1, SeqCst);
+                        let others = (n - 1) as u64;
+                        until("every other caller waits on this load", || {
+                            watcher.stats().coalesced_waits - waits_before >= others
+                        })
+                        .await;
+                        result()
+                    })
+                    .await
+            })
+        })
+        .collect()
+}
+
+/// A `redis-server` of this test's own (testkit), killed on drop.
+pub fn server() -> RedisServer {
+    RedisServer::start().expect("redis-server must be installed to run these tests")
+}
+
+/// A builder for a cache in `namespace` on `server`, for a test to add its
+/// own settings to.
+pub fn builder_on(server: &RedisServer, namespace: &str) -> TieredCacheBuilder {
+    TieredCache::builder()
+        .namespace(namespace)
+        .redis(server.url())
+}
+
+/// A new cache (empty L1) in `namespace` on `server`, default settings; it
+/// fails the test if it cannot reach that Redis.
+pub async fn cache_on(server: &RedisServer, namespace: &str) -> TieredCache {
+    builder_on(server, namespace)
+        .require_l2(true)
+        .build()
+        .await
+        .expect("cache builds against the test Redis")
+}
+
+/// A blocking connection to `server` for setup and assertions.
+pub fn conn(server: &RedisServer) -> redis::Connection {
+    server.connection().expect("test connection to Redis")
+}
+
+/// Where `key` lives in Redis for a cache in `namespace`.
+pub fn redis_key<V>(namespace: &str, key: &Key<V>) -> String {
+    format!("{namespace}:{}", key.as_str())
+}
+
+/// Whether Redis holds `redis_key`.
+pub fn exists(server: &RedisServer, redis_key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(redis_key)
+        .query::<u64>(&mut conn(server))
+        .expect("EXISTS")
+        == 1
+}
+
+/// What `INFO section` says after `field:`, if it lists the field.
+fn info_field(server: &RedisServer, section: &str, field: &str) -> Option<String> {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut conn(server))
+        .expect("INFO");
+    let prefix = format!("{field}:");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map(|value| value.trim().to_owned())
+}
+
+/// Calls of `command` (lower case) since the last [`reset_command_stats`],
+/// from `INFO commandstats` (`cmdstat_get:calls=5,usec=...`).
+pub fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    info_field(server, "commandstats", &format!("cmdstat_{command}")).map_or(0, |stats| {
+        let calls = stats.strip_prefix("calls=").expect("calls= first");
+        let calls = calls.split(',').next().expect("a call count");
+        calls.parse().expect("a call count")
+    })
+}
+
+/// A counter of `INFO stats` (keyspace_hits, keyspace_misses, ...) since
+/// the last [`reset_command_stats`].
+pub fn info_stat(server: &RedisServer, field: &str) -> u64 {
+    info_field(server, "stats", field).map_or(0, |n| n.parse().expect("a number"))
+}
+
+/// `CONFIG RESETSTAT`: zeroes `INFO commandstats` and `INFO stats`.
+pub fn reset_command_stats(server: &RedisServer) {
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut conn(server))
+        .expect("CONFIG RESETSTAT");
+}
+
+/// Polls `cond` every millisecond until it holds; fails the test after 20 s
+/// (a hang).
+pub async fn until(what: &str, cond: impl Fn() -> bool) {
+    until_within(Duration::from_secs(20), what, cond).await;
+}
+
+/// Polls `cond` every millisecond until it holds; fails the test after
+/// `limit` (a hang).
+pub async fn until_within(limit: Duration, what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
