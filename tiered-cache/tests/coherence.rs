@@ -671,7 +671,7 @@ async fn caches_on_two_databases_of_one_redis_never_touch_each_other() {
 #[test]
 fn a_cache_whose_runtime_shut_down_stops_trusting_its_tag_versions() {
     let server = server();
-    let opts = || EntryOptions::secs(300).tag("items");
+    let opts = || EntryOptions::new(Duration::from_secs(300)).tag("items");
     let first = tokio::runtime::Runtime::new().expect("runtime");
     let a = first.block_on(instance(&server, "rt-gone"));
     drop(first); // the backplane's tasks are gone with it
@@ -684,7 +684,7 @@ fn a_cache_whose_runtime_shut_down_stops_trusting_its_tag_versions() {
         // (its connection to Redis, driven by the first runtime, reconnects
         // on this one after a failed command).
         let deadline = Instant::now() + HANG;
-        while a.get(&item(1)).await.is_none() {
+        while a.get(&item::<u64>(1)).await.is_none() {
             assert!(
                 Instant::now() < deadline,
                 "A never reads Redis again: {:?}",
@@ -695,7 +695,7 @@ fn a_cache_whose_runtime_shut_down_stops_trusting_its_tag_versions() {
         b.set(&item(2), 2, &opts()).await.expect("set"); // stamped like item 1
         b.invalidate_tag("items").await.expect("invalidate_tag"); // A hears nothing
         assert_eq!(
-            a.get(&item(2)).await,
+            a.get(&item::<u64>(2)).await,
             None,
             "judged by the version in Redis"
         );

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use support::{builder_on, item, server};
-use tiered_cache::EntryOptions;
+use tiered_cache::{EntryOptions, Key};
 
 /// [`support::opts`] with the tag "products".
 fn products() -> EntryOptions {
@@ -78,7 +78,7 @@ async fn many_distinct_tags_stay_correct_as_the_tables_are_bounded() {
             .expect("invalidate_tag");
     }
     assert_eq!(
-        cache.get(&item(0)).await,
+        cache.get(&item::<u64>(0)).await,
         None,
         "invalidated first, still a miss"
     );
@@ -110,11 +110,11 @@ async fn get_many_reads_the_tag_versions_of_a_batch_in_one_round_trip() {
         .build()
         .await
         .expect("build");
-    common::reset_command_stats(&server);
+    support::reset_command_stats(&server);
     let got = reader.get_many(&keys).await;
     assert!(got.iter().all(Option::is_some), "{:?}", reader.stats());
     assert_eq!(
-        common::command_calls(&server, "mget"),
+        support::command_calls(&server, "mget"),
         2,
         "one MGET for the entries, one for all their tags"
     );
