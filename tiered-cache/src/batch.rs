@@ -43,7 +43,10 @@ impl TieredCache {
             return out;
         }
         let bodies: Vec<&str> = missing.iter().map(|&i| keys[i].as_str()).collect();
-        let read = self.inner.tiers.read_many::<V, C>(&bodies, false).await;
+        let tiers = &self.inner.tiers;
+        let read = tiers
+            .within_budget(tiers.read_many::<V, C>(&bodies, false))
+            .await;
         for (&i, (entry, _)) in missing.iter().zip(read) {
             match entry.filter(|e| e.is_fresh(Instant::now())) {
                 Some(e) => {
@@ -110,7 +113,10 @@ impl TieredCache {
         // 2. One MGET for everything L1 could not answer, with the claims
         // of the loads that may follow.
         let bodies: Vec<&str> = lookup.iter().map(|&i| keys[i].as_str()).collect();
-        let read = self.inner.tiers.read_many::<V, C>(&bodies, true).await;
+        let tiers = &self.inner.tiers;
+        let read = tiers
+            .within_budget(tiers.read_many::<V, C>(&bodies, true))
+            .await;
         let mut missing = Vec::new();
         for (&i, (entry, claim)) in lookup.iter().zip(read) {
             if let Some(entry) = entry {

@@ -108,7 +108,11 @@ impl TieredCache {
             L1Lookup::FailSafe => return None,
             L1Lookup::Miss => {}
         }
-        match self.inner.tiers.read_l2::<V, C>(key.as_str()).await {
+        let tiers = &self.inner.tiers;
+        match tiers
+            .within_budget(tiers.read_l2::<V, C>(key.as_str()))
+            .await
+        {
             Some(entry) if entry.is_fresh(Instant::now()) => {
                 self.inner.tiers.stats.l2_hits.incr();
                 typed::<V>(&entry).flatten()
@@ -138,24 +142,25 @@ impl TieredCache {
         C: Codec,
     {
         let opts = options.resolve(&self.inner.defaults);
-        let stamps = self
-            .inner
-            .tiers
-            .tags
-            .stamps(&opts.tags, self.inner.tiers.l2.as_ref())
-            .await;
+        let tiers = &self.inner.tiers;
         let value: AnyValue = Arc::new(value);
         let typed_value = value.downcast_ref::<V>();
-        let prepared = prepare::<V, C>(
-            typed_value,
-            Some(&value),
-            &opts,
-            stamps,
-            Duration::ZERO,
-            opts.ttl,
-            Origin::Write,
-        )?;
-        self.inner.tiers.commit(key.as_str(), prepared).await;
+        tiers
+            .within_budget(async {
+                let stamps = tiers.tags.stamps(&opts.tags, tiers.l2.as_ref()).await;
+                let prepared = prepare::<V, C>(
+                    typed_value,
+                    Some(&value),
+                    &opts,
+                    stamps,
+                    Duration::ZERO,
+                    opts.ttl,
+                    Origin::Write,
+                )?;
+                tiers.commit(key.as_str(), prepared).await;
+                Ok::<_, Error>(())
+            })
+            .await?;
         // After the Redis write: a peer that drops its copy reads the new one.
         self.announce(Event::Key(key.as_str().to_owned()));
         Ok(())
@@ -170,7 +175,8 @@ impl TieredCache {
     /// When Redis could not be told (the entry is gone from L1 regardless):
     /// other instances may still read the old value until its TTL.
     pub async fn invalidate<V, C>(&self, key: &Key<V, C>) -> Result<(), Error> {
-        let deleted = self.inner.tiers.invalidate(key.as_str()).await;
+        let tiers = &self.inner.tiers;
+        let deleted = tiers.within_budget(tiers.invalidate(key.as_str())).await;
         // A load in flight cannot store any more (its claim is outdated):
         // new callers start their own instead of waiting on it.
         self.inner.flights.release(key.as_str());
@@ -423,7 +429,8 @@ impl TieredCache {
             // Another instance may have refreshed what L1 holds stale. The
             // claim, taken before, lets the load store only if nobody wrote
             // or dropped the key in the meantime.
-            let (found, claim) = self.inner.tiers.read_claimed::<V, C>(key).await;
+            let tiers = &self.inner.tiers;
+            let (found, claim) = tiers.within_budget(tiers.read_claimed::<V, C>(key)).await;
             if let Some(entry) = found {
                 match self.serve::<V, C, E, L>(key, options, &entry, negatives, &mut loader) {
                     // This caller already leads the key, so no refresh starts here.

@@ -255,7 +255,8 @@ impl TieredCache {
         V: DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
-        let (found, claim) = self.inner.tiers.read_claimed::<V, C>(key).await;
+        let tiers = &self.inner.tiers;
+        let (found, claim) = tiers.within_budget(tiers.read_claimed::<V, C>(key)).await;
         match found {
             Some(entry)
                 if entry.is_fresh(Instant::now())
@@ -370,13 +371,14 @@ impl TieredCache {
         L: Load<V, E>,
     {
         // Stamp tags before loading: an invalidation racing the load then
-        // makes the stored entry stale instead of being lost.
-        let stamps = self
-            .inner
-            .tiers
-            .tags
-            .stamps(&opts.tags, self.inner.tiers.l2.as_ref())
-            .await;
+        // makes the stored entry stale instead of being lost. The stamps
+        // come out of what the claim's read left of the call's L2 budget.
+        let tiers = &self.inner.tiers;
+        let stamps = tiers.tags.stamps(&opts.tags, tiers.l2.as_ref());
+        let stamps = match &tiers.l2 {
+            Some(l2) => crate::l2::budget::within(claim.budget_left(l2.timeout()), stamps).await,
+            None => stamps.await,
+        };
         self.inner.tiers.stats.loads.incr();
         let started = Instant::now();
         let loaded = match opts.hard_timeout {

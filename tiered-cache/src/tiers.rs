@@ -151,6 +151,15 @@ pub(crate) struct Tiers {
 }
 
 impl Tiers {
+    /// Runs `call` (the Redis part of one public call) within one L2
+    /// budget: `l2_timeout` for all its commands together.
+    pub(crate) async fn within_budget<F: std::future::Future>(&self, call: F) -> F::Output {
+        match &self.l2 {
+            Some(l2) => crate::l2::budget::within(l2.timeout(), call).await,
+            None => call.await,
+        }
+    }
+
     /// What this instance holds in memory: L1, or with L1 off its fail-safe
     /// copies. Invalidations apply to it.
     pub(crate) fn local(&self) -> Option<&L1> {

@@ -361,8 +361,14 @@ async fn a_miss_waits_on_redis_at_most_one_l2_timeout_in_all() {
         took < Duration::from_millis(2_600),
         "read + write waited {took:?}"
     );
-    // The write is still pending: a caller now gets the value, no load.
-    let again = load(&cache, &key(1), &calls, product(9)).await;
+    // The write is still pending: a caller now gets the value, no load
+    // (same value and error types: the same flight).
+    let again = cache
+        .get_or_load(&key(1), &opts(), || async {
+            Ok::<_, std::io::Error>(product(9))
+        })
+        .await
+        .expect("the loaded value");
     assert_eq!(*again, product(1));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     server.resume().expect("SIGCONT");
@@ -380,4 +386,39 @@ impl RedisPause {
             .expect("kill");
         assert!(sent.success());
     }
+}
+
+/// One L2 budget per call: a `set` whose tag version must first be read
+/// from a frozen Redis waits one `l2_timeout` in all, not one for the tag
+/// read and another for the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_waits_on_a_frozen_redis_at_most_one_l2_timeout() {
+    let server = server();
+    let timeout = Duration::from_millis(400);
+    let cache = TieredCache::builder()
+        .namespace("t")
+        .redis(server.url())
+        .l2_timeout(timeout)
+        .build()
+        .await
+        .expect("build");
+    server.pause().expect("SIGSTOP");
+    let started = Instant::now();
+    let opts = opts().tag("a-tag-this-instance-never-saw");
+    cache
+        .set(&key(1), product(1), &opts)
+        .await
+        .expect("set degrades, never fails");
+    let took = started.elapsed();
+    server.resume().expect("SIGCONT");
+    println!("set on a frozen Redis took {took:?} (l2_timeout {timeout:?})");
+    assert!(
+        took < timeout + Duration::from_millis(150),
+        "waited {took:?}"
+    );
+    assert_eq!(
+        cache.get(&key(1)).await.as_deref(),
+        Some(&product(1)),
+        "kept in L1"
+    );
 }

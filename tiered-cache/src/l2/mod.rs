@@ -17,6 +17,7 @@ use crate::entry::now_ms;
 use crate::error::{Error, ErrorKind};
 use crate::stats::Stats;
 
+pub(crate) mod budget;
 mod pubsub;
 
 pub(crate) use pubsub::{Health, Messages};
@@ -248,7 +249,14 @@ impl L2 {
             self.stats.l2_skipped.incr();
             return Err(L2Fault::Resting);
         }
-        let outcome = match tokio::time::timeout(self.timeout, send(self.conn.clone())).await {
+        let timeout = budget::time_left(self.timeout);
+        if timeout.is_zero() {
+            // The call's budget is spent (earlier commands were slow): not
+            // sent, and not Redis's fault a second time.
+            self.stats.l2_skipped.incr();
+            return Err(L2Fault::Timeout);
+        }
+        let outcome = match tokio::time::timeout(timeout, send(self.conn.clone())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_wrong_type(&e) => return Err(L2Fault::WrongType),
             Ok(Err(e)) if is_about_the_command(&e) => Err(L2Fault::Rejected(e)),
