@@ -19,9 +19,8 @@
 //! predicate is still registered, to free the memory of most such entries.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
@@ -29,6 +28,9 @@ use moka::Expiry;
 use tokio::sync::Mutex;
 
 use crate::entry::Meta;
+use crate::tags::TagFloors;
+#[cfg(test)]
+use crate::tags::MAX_FLOORS;
 
 /// A decoded value as held in L1.
 pub(crate) type AnyValue = Arc<dyn Any + Send + Sync>;
@@ -68,111 +70,6 @@ pub(crate) struct L1Entry {
 #[derive(Debug, Default)]
 pub(crate) struct Checked(AtomicU64);
 
-/// Tag floors: an entry stamped with a tag version below the tag's floor was
-/// invalidated; so was an entry of a tag built before the tag's cut (a tag
-/// dropped here whose new version is unknown, as when Redis could not bump
-/// it: what is there goes, what is built later stays).
-#[derive(Debug)]
-struct Floors {
-    /// Bumped after every raise; starts at 1 so that new entries get checked.
-    generation: AtomicU64,
-    floors: RwLock<FloorMaps>,
-}
-
-#[derive(Debug, Default)]
-struct FloorMaps {
-    /// Per tag: the floor version, and when it was last raised.
-    versions: HashMap<Arc<str>, (u64, Instant)>,
-    cuts: HashMap<Arc<str>, Instant>,
-    /// Every entry with a tag (other than the namespace epoch) built at or
-    /// before this is a miss: what stands in for the floors and cuts let go
-    /// to keep the table bounded.
-    all_tags_cut: Option<Instant>,
-}
-
-/// Most floors and cuts kept. Per-entity tags (`user:{id}`) would grow the
-/// table with every distinct tag invalidated; past this, the oldest half is
-/// let go and replaced by one cut over every tagged entry built before it
-/// (a few needless misses, never a stale hit).
-const MAX_FLOORS: usize = 10_000;
-
-impl FloorMaps {
-    fn len(&self) -> usize {
-        self.versions.len() + self.cuts.len()
-    }
-
-    /// Keeps the table within [`MAX_FLOORS`].
-    fn bound(&mut self) {
-        if self.len() <= MAX_FLOORS {
-            return;
-        }
-        let mut times: Vec<Instant> = self.versions.values().map(|(_, at)| *at).collect();
-        times.extend(self.cuts.values().copied());
-        let middle = times.len() / 2;
-        let (_, &mut cut, _) = times.select_nth_unstable(middle);
-        self.versions.retain(|_, (_, at)| *at > cut);
-        self.cuts.retain(|_, at| *at > cut);
-        self.all_tags_cut = Some(self.all_tags_cut.map_or(cut, |c| c.max(cut)));
-    }
-
-    fn outdate(&self, entry: &L1Entry) -> bool {
-        let below = |tag: &Arc<str>, version: &u64| {
-            self.versions
-                .get(tag)
-                .is_some_and(|(floor, _)| version < floor)
-                || self.cuts.get(tag).is_some_and(|cut| entry.built <= *cut)
-                || (self.all_tags_cut.is_some_and(|cut| entry.built <= cut)
-                    && &**tag != crate::tags::EPOCH_TAG)
-        };
-        entry
-            .meta
-            .tags
-            .iter()
-            .any(|(tag, version)| below(tag, version))
-    }
-}
-
-impl Floors {
-    fn raise(&self, tag: &str, version: u64) {
-        {
-            let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
-            let now = Instant::now();
-            let floor = floors.versions.entry(Arc::from(tag)).or_insert((0, now));
-            *floor = (floor.0.max(version), now);
-            floors.bound();
-        }
-        self.generation.fetch_add(1, SeqCst);
-    }
-
-    fn cut(&self, tag: &str, at: Instant) {
-        {
-            let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
-            let cut = floors.cuts.entry(Arc::from(tag)).or_insert(at);
-            *cut = (*cut).max(at);
-            floors.bound();
-        }
-        self.generation.fetch_add(1, SeqCst);
-    }
-
-    fn reset(&self) {
-        *self.floors.write().unwrap_or_else(PoisonError::into_inner) = FloorMaps::default();
-        self.generation.fetch_add(1, SeqCst);
-    }
-
-    fn outdate(&self, entry: &L1Entry) -> bool {
-        let floors = self.floors.read().unwrap_or_else(PoisonError::into_inner);
-        (floors.len() > 0 || floors.all_tags_cut.is_some()) && floors.outdate(entry)
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.floors
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-}
-
 impl L1Entry {
     pub(crate) fn is_fresh(&self, now: Instant) -> bool {
         now < self.fresh_until
@@ -191,7 +88,7 @@ pub(crate) struct L1 {
     cache: Cache<Arc<str>, Arc<L1Entry>>,
     ttl_cap: Option<Duration>,
     drops: Arc<Drops>,
-    floors: Arc<Floors>,
+    floors: Arc<TagFloors>,
 }
 
 /// Key drops are counted in this many stripes (a power of two): a drop of
@@ -269,10 +166,7 @@ impl L1 {
             keys: std::array::from_fn(|_| AtomicU64::new(0)),
             locks: std::array::from_fn(|_| Mutex::new(())),
         });
-        let floors = Arc::new(Floors {
-            generation: AtomicU64::new(1),
-            floors: RwLock::default(),
-        });
+        let floors = Arc::new(TagFloors::new());
         L1 {
             cache,
             ttl_cap,
@@ -284,7 +178,7 @@ impl L1 {
     #[inline]
     pub(crate) async fn get(&self, key: &str) -> Option<Arc<L1Entry>> {
         let entry = self.cache.get(key).await?;
-        let generation = self.floors.generation.load(SeqCst);
+        let generation = self.floors.generation();
         if entry.checked.0.load(Relaxed) == generation {
             return Some(entry);
         }
@@ -297,7 +191,9 @@ impl L1 {
     /// expired; it is not served.
     #[cold]
     fn check_floors(&self, entry: Arc<L1Entry>, generation: u64) -> Option<Arc<L1Entry>> {
-        if entry.clears != self.drops.many.load(SeqCst) || self.floors.outdate(&entry) {
+        if entry.clears != self.drops.many.load(SeqCst)
+            || self.floors.outdates(&entry.meta.tags, entry.built)
+        {
             return None;
         }
         entry.checked.0.store(generation, Relaxed);
@@ -485,11 +381,7 @@ impl L1 {
         self.floors.raise(tag, version);
         let tag: Arc<str> = Arc::from(tag);
         let dropped = self.cache.invalidate_entries_if(move |_, entry| {
-            entry
-                .meta
-                .tags
-                .iter()
-                .any(|(t, v)| *t == tag && *v < version)
+            TagFloors::stamped_below(&entry.meta.tags, &tag, version)
         });
         if dropped.is_err() {
             // Closures are enabled in `new`; should that ever change, be safe.
@@ -506,7 +398,7 @@ impl L1 {
         self.floors.cut(tag, now);
         let tag: Arc<str> = Arc::from(tag);
         let dropped = self.cache.invalidate_entries_if(move |_, entry| {
-            entry.built <= now && entry.meta.tags.iter().any(|(t, _)| *t == tag)
+            entry.built <= now && TagFloors::carries(&entry.meta.tags, &tag)
         });
         if dropped.is_err() {
             self.clear();

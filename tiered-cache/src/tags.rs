@@ -49,6 +49,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Instant;
 
 use crate::entry::TagStamp;
 use crate::key::escape_into;
@@ -169,6 +170,134 @@ impl TagVersions {
             }
             *stamp >= known
         })
+    }
+}
+
+/// Tag floors: an entry stamped with a tag version below the tag's floor was
+/// invalidated; so was an entry of a tag built before the tag's cut (a tag
+/// dropped here whose new version is unknown, as when Redis could not bump
+/// it: what is there goes, what is built later stays).
+#[derive(Debug)]
+pub(crate) struct TagFloors {
+    /// Bumped after every raise; starts at 1 so that new entries get checked.
+    generation: AtomicU64,
+    floors: RwLock<FloorMaps>,
+}
+
+#[derive(Debug, Default)]
+struct FloorMaps {
+    /// Per tag: the floor version, and when it was last raised.
+    versions: HashMap<Arc<str>, (u64, Instant)>,
+    cuts: HashMap<Arc<str>, Instant>,
+    /// Every entry with a tag (other than the namespace epoch) built at or
+    /// before this is a miss: what stands in for the floors and cuts let go
+    /// to keep the table bounded.
+    all_tags_cut: Option<Instant>,
+}
+
+/// Most floors and cuts kept. Per-entity tags (`user:{id}`) would grow the
+/// table with every distinct tag invalidated; past this, the oldest half is
+/// let go and replaced by one cut over every tagged entry built before it
+/// (a few needless misses, never a stale hit).
+pub(crate) const MAX_FLOORS: usize = 10_000;
+
+impl FloorMaps {
+    fn len(&self) -> usize {
+        self.versions.len() + self.cuts.len()
+    }
+
+    /// Keeps the table within [`MAX_FLOORS`].
+    fn bound(&mut self) {
+        if self.len() <= MAX_FLOORS {
+            return;
+        }
+        let mut times: Vec<Instant> = self.versions.values().map(|(_, at)| *at).collect();
+        times.extend(self.cuts.values().copied());
+        let middle = times.len() / 2;
+        let (_, &mut cut, _) = times.select_nth_unstable(middle);
+        self.versions.retain(|_, (_, at)| *at > cut);
+        self.cuts.retain(|_, at| *at > cut);
+        self.all_tags_cut = Some(self.all_tags_cut.map_or(cut, |c| c.max(cut)));
+    }
+
+    fn outdate(&self, tags: &[TagStamp], built: Instant) -> bool {
+        let below = |tag: &Arc<str>, version: &u64| {
+            self.versions
+                .get(tag)
+                .is_some_and(|(floor, _)| version < floor)
+                || self.cuts.get(tag).is_some_and(|cut| built <= *cut)
+                || (self.all_tags_cut.is_some_and(|cut| built <= cut) && &**tag != EPOCH_TAG)
+        };
+        tags.iter().any(|(tag, version)| below(tag, version))
+    }
+}
+
+impl TagFloors {
+    /// An empty table.
+    pub(crate) fn new() -> Self {
+        TagFloors {
+            generation: AtomicU64::new(1),
+            floors: RwLock::default(),
+        }
+    }
+
+    /// Bumped after every change: an entry checked at the current value
+    /// needs no check again.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Entries stamped with `tag` below `version` are outdated from now on.
+    pub(crate) fn raise(&self, tag: &str, version: u64) {
+        {
+            let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let floor = floors.versions.entry(Arc::from(tag)).or_insert((0, now));
+            *floor = (floor.0.max(version), now);
+            floors.bound();
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Entries of `tag` built at or before `at` are outdated from now on.
+    pub(crate) fn cut(&self, tag: &str, at: Instant) {
+        {
+            let mut floors = self.floors.write().unwrap_or_else(PoisonError::into_inner);
+            let cut = floors.cuts.entry(Arc::from(tag)).or_insert(at);
+            *cut = (*cut).max(at);
+            floors.bound();
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Forgets every floor (after a clear: nothing is left to hide).
+    pub(crate) fn reset(&self) {
+        *self.floors.write().unwrap_or_else(PoisonError::into_inner) = FloorMaps::default();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether an entry with these stamps, built then, was invalidated.
+    pub(crate) fn outdates(&self, tags: &[TagStamp], built: Instant) -> bool {
+        let floors = self.floors.read().unwrap_or_else(PoisonError::into_inner);
+        (floors.len() > 0 || floors.all_tags_cut.is_some()) && floors.outdate(tags, built)
+    }
+
+    /// Whether stamps carry `tag` below `version` (for a sweep of L1).
+    pub(crate) fn stamped_below(tags: &[TagStamp], tag: &str, version: u64) -> bool {
+        tags.iter().any(|(t, v)| &**t == tag && *v < version)
+    }
+
+    /// Whether stamps carry `tag` at all (for a sweep of L1).
+    pub(crate) fn carries(tags: &[TagStamp], tag: &str) -> bool {
+        tags.iter().any(|(t, _)| &**t == tag)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.floors
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
