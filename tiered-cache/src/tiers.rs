@@ -386,8 +386,13 @@ impl Tiers {
     /// What a plain read (`get`, `get_many`) makes of `key` in L1: one
     /// judgement for both, counted. A fail-safe copy is a counted miss with
     /// nothing to look for in Redis (the failed refresh looked there).
+    #[inline]
     pub(crate) async fn lookup_l1<V: Send + Sync + 'static>(&self, key: &str) -> L1Lookup<V> {
-        let Some(entry) = self.l1_get(key).await else {
+        // Only L1 proper: with L1 off, the fail-safe copies are for loads.
+        let Some(l1) = &self.l1 else {
+            return L1Lookup::Miss;
+        };
+        let Some(entry) = l1.get(key).await else {
             return L1Lookup::Miss;
         };
         if entry.failsafe {
@@ -441,7 +446,11 @@ impl Tiers {
         C: Codec,
     {
         let l2 = self.l2.as_ref()?;
-        let ticket = self.ticket(key);
+        // A plain read promotes into L1 proper only.
+        let ticket = self
+            .l1
+            .as_ref()
+            .map_or_else(Ticket::default, |l1| l1.ticket(key));
         match l2.get(key).await {
             Ok(Some(bytes)) => {
                 self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket, false)
