@@ -40,9 +40,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::events;
+use crate::events::LogLimit;
 use crate::l1::L1;
 use crate::l2::{Health, L2Fault, Messages, L2};
-use crate::stats::{LogLimit, Stats};
+use crate::stats::Stats;
 use crate::tags::TagVersions;
 
 /// One invalidation, as sent between instances.
@@ -127,7 +129,7 @@ impl Drop for StoppedGuard {
         if let Some(l1) = &self.local.l1 {
             l1.clear();
         }
-        self.local.stats.backplane_gaps.incr();
+        self.local.stats.record(events::Event::BackplaneGap);
         tracing::warn!(
             "the backplane stopped: the tokio runtime the cache was built on shut down; this instance no longer hears other instances' invalidations (its L1 serves entries up to l1_ttl_cap, and reads check tag versions in Redis). Build the cache on the runtime that uses it"
         );
@@ -320,7 +322,7 @@ impl Subscriber {
             l1.clear();
         }
         if gap {
-            self.local.stats.backplane_gaps.incr();
+            self.local.stats.record(events::Event::BackplaneGap);
         }
     }
 
@@ -361,7 +363,9 @@ impl Subscriber {
             self.local.apply(event).await;
         }
         // Counted after the drops, so a reader of the counter sees them done.
-        self.local.stats.invalidations_received.add(count);
+        self.local
+            .stats
+            .record_many(events::Event::InvalidationReceived, count);
     }
 }
 
@@ -397,7 +401,7 @@ impl Local {
                 if let Some(l1) = &self.l1 {
                     l1.clear();
                 }
-                self.stats.backplane_gaps.incr();
+                self.stats.record(events::Event::BackplaneGap);
             }
         }
     }

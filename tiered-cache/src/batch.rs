@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::cache::{unreachable_none, Outcome, Served, TieredCache};
 use crate::codec::Codec;
 use crate::error::LoadError;
+use crate::events::Event;
 use crate::flight::Join;
 use crate::key::Key;
 use crate::l1::L1Entry;
@@ -50,10 +51,10 @@ impl TieredCache {
         for (&i, (entry, _)) in missing.iter().zip(read) {
             match entry.filter(|e| e.is_fresh(Instant::now())) {
                 Some(e) => {
-                    self.inner.tiers.stats.l2_hits.incr();
+                    self.inner.tiers.stats.record(Event::L2Hit);
                     out[i] = typed::<V>(&e).flatten();
                 }
-                None => self.inner.tiers.stats.misses.incr(),
+                None => self.inner.tiers.stats.record(Event::Miss),
             }
         }
         out
@@ -100,7 +101,7 @@ impl TieredCache {
                 match self.serve::<V, C, E, _>(key.as_str(), options, &entry, false, &mut loader) {
                     // Owned loaders refresh in the background: no `Refresh`.
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
-                        self.inner.tiers.stats.l1_hits.incr();
+                        self.inner.tiers.stats.record(Event::L1Hit);
                         found[i] = Some(Ok(hit));
                         continue;
                     }
@@ -129,7 +130,7 @@ impl TieredCache {
                     &mut loader,
                 ) {
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
-                        self.inner.tiers.stats.l2_hits.incr();
+                        self.inner.tiers.stats.record(Event::L2Hit);
                         found[i] = Some(Ok(hit));
                         continue;
                     }
@@ -185,7 +186,7 @@ impl TieredCache {
                 if let Some(entry) = self.inner.tiers.l1_get(key).await {
                     if entry.is_fresh(Instant::now()) {
                         if let Some(hit @ Some(_)) = typed::<V>(&entry) {
-                            self.inner.tiers.stats.l1_hits.incr();
+                            self.inner.tiers.stats.record(Event::L1Hit);
                             leader.finish::<Outcome<V, E>>(Ok(hit.clone()));
                             return Ok(hit);
                         }
@@ -195,7 +196,7 @@ impl TieredCache {
                     .await
             }
             Join::Waiter(waiter) => {
-                self.inner.tiers.stats.coalesced_waits.incr();
+                self.inner.tiers.stats.record(Event::CoalescedWait);
                 match self
                     .wait_for_load::<V, E>(key, waiter, fallback.as_ref(), options)
                     .await

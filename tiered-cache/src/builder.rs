@@ -7,10 +7,11 @@ use std::time::Duration;
 use crate::backplane::{Backplane, Local};
 use crate::cache::TieredCache;
 use crate::error::{Error, ErrorKind};
+use crate::events::LogLimit;
 use crate::l1::L1;
 use crate::l2::{L2Config, RedisUrl, L2};
 use crate::options::EntryOptions;
-use crate::stats::{LogLimit, Stats};
+use crate::stats::Stats;
 use crate::tags::TagVersions;
 use crate::tiers::Tiers;
 

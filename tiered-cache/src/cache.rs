@@ -16,6 +16,7 @@ use crate::backplane::{Backplane, Event};
 use crate::builder::TieredCacheBuilder;
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, LoadError};
+use crate::events;
 use crate::flight::{Flights, Join, Leader};
 use crate::key::Key;
 use crate::l1::{AnyValue, L1Entry};
@@ -114,11 +115,11 @@ impl TieredCache {
             .await
         {
             Some(entry) if entry.is_fresh(Instant::now()) => {
-                self.inner.tiers.stats.l2_hits.incr();
+                self.inner.tiers.stats.record(events::Event::L2Hit);
                 typed::<V>(&entry).flatten()
             }
             _ => {
-                self.inner.tiers.stats.misses.incr();
+                self.inner.tiers.stats.record(events::Event::Miss);
                 None
             }
         }
@@ -385,7 +386,7 @@ impl TieredCache {
                 match self.serve::<V, C, E, L>(key, options, &entry, negatives, &mut loader) {
                     Served::Hit(hit) => {
                         if hit.is_some() {
-                            self.inner.tiers.stats.l1_hits.incr();
+                            self.inner.tiers.stats.record(events::Event::L1Hit);
                         }
                         return Ok(hit);
                     }
@@ -411,7 +412,7 @@ impl TieredCache {
                 Join::Waiter(waiter) => {
                     if !coalesced {
                         coalesced = true;
-                        self.inner.tiers.stats.coalesced_waits.incr();
+                        self.inner.tiers.stats.record(events::Event::CoalescedWait);
                     }
                     match self
                         .wait_for_load::<V, E>(key, waiter, fallback.as_ref(), options)
@@ -436,7 +437,7 @@ impl TieredCache {
                     // This caller already leads the key, so no refresh starts here.
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
                         if hit.is_some() {
-                            self.inner.tiers.stats.l2_hits.incr();
+                            self.inner.tiers.stats.record(events::Event::L2Hit);
                         }
                         leader.finish::<Outcome<V, E>>(Ok(hit.clone()));
                         return Ok(hit);
@@ -496,10 +497,10 @@ impl TieredCache {
             }
         }
         if value.is_none() {
-            self.inner.tiers.stats.negative_hits.incr();
+            self.inner.tiers.stats.record(events::Event::NegativeHit);
         }
         if entry.failsafe {
-            self.inner.tiers.stats.stale_served.incr();
+            self.inner.tiers.stats.record(events::Event::StaleServed);
         }
         Served::Hit(value)
     }

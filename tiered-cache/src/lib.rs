@@ -46,11 +46,11 @@
 //!
 //! **The default cache of `#[cached]`.** A function names its cache with
 //! `cache = expr`; without it, it uses the innermost
-//! [`scope`](crate::scope) around the call (a task-local default, like
-//! tracing's `with_default`), else the one [`install`](crate::install)ed
+//! [`scope`] around the call (a task-local default, like
+//! tracing's `with_default`), else the one [`install`]ed
 //! for the process. `install` succeeds once: a second call is an error, so
 //! two caches never silently share one default. With neither, the function
-//! runs uncached (and says so once). [`default_cache`](crate::default_cache)
+//! runs uncached (and says so once). [`default_cache`]
 //! reads the default the same way.
 //!
 //! **Tags.** [`invalidate_tag`](TieredCache::invalidate_tag) is O(1): tags
@@ -109,6 +109,7 @@ mod cache;
 mod codec;
 mod entry;
 mod error;
+mod events;
 mod flight;
 mod global;
 mod key;

@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::cache::{Outcome, Served, TieredCache};
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, LoadError};
+use crate::events::Event;
 use crate::flight::{Leader, Waiter};
 use crate::l1::{AnyValue, L1Entry};
 use crate::loader::Load;
@@ -74,14 +75,14 @@ impl TieredCache {
         E: Send + Sync + 'static,
         L: Load<V, E>,
     {
-        self.inner.tiers.stats.misses.incr();
+        self.inner.tiers.stats.record(Event::Miss);
         let opts = options.resolve(&self.inner.defaults);
         let Some(stale) = fallback else {
             return self
                 .run_load::<V, C, E, _>(key, opts, loader, leader, None, claim)
                 .await;
         };
-        self.inner.tiers.stats.stale_refreshes.incr();
+        self.inner.tiers.stats.record(Event::StaleRefresh);
         let loader = match loader.detach() {
             Ok(detached) => detached,
             Err(scoped) => {
@@ -141,7 +142,7 @@ impl TieredCache {
         let leader = self.inner.flights.try_lead::<Outcome<V, E>>(key)?;
         match loader.take()?.detach() {
             Ok(detached) => {
-                self.inner.tiers.stats.early_refreshes.incr();
+                self.inner.tiers.stats.record(Event::EarlyRefresh);
                 let this = self.clone();
                 let (key, opts, stale) = (
                     key.to_owned(),
@@ -194,7 +195,7 @@ impl TieredCache {
         let Some(loader) = loader.take() else {
             return Ok(hit);
         };
-        self.inner.tiers.stats.early_refreshes.incr();
+        self.inner.tiers.stats.record(Event::EarlyRefresh);
         let claim = match self.fresher_in_l2::<V, C>(key, &entry).await {
             Ok(value) => {
                 leader.finish::<Outcome<V, E>>(Ok(Some(Arc::clone(&value))));
@@ -337,7 +338,7 @@ impl TieredCache {
             Ok(Some(Err(_)) | None) => Some(self.stale_outcome::<V, E>(stale)),
             Err(_) => {
                 if leads && !soft.is_zero() {
-                    self.inner.tiers.stats.loader_timeouts.incr();
+                    self.inner.tiers.stats.record(Event::LoaderTimeout);
                 }
                 Some(self.stale_outcome::<V, E>(stale))
             }
@@ -348,7 +349,7 @@ impl TieredCache {
         &self,
         stale: &Arc<L1Entry>,
     ) -> Outcome<V, E> {
-        self.inner.tiers.stats.stale_served.incr();
+        self.inner.tiers.stats.record(Event::StaleServed);
         Ok(typed::<V>(stale).flatten())
     }
 
@@ -379,7 +380,7 @@ impl TieredCache {
             Some(l2) => crate::l2::budget::within(claim.budget_left(l2.timeout()), stamps).await,
             None => stamps.await,
         };
-        self.inner.tiers.stats.loads.incr();
+        self.inner.tiers.stats.record(Event::Load);
         let started = Instant::now();
         let loaded = match opts.hard_timeout {
             Some(limit) => tokio::time::timeout(limit, loader.load())
@@ -413,11 +414,11 @@ impl TieredCache {
                 Ok(None)
             }
             Ok(Err(e)) => {
-                self.inner.tiers.stats.load_errors.incr();
+                self.inner.tiers.stats.record(Event::LoadError);
                 Err(LoadError::Loader(Arc::new(e)))
             }
             Err(limit) => {
-                self.inner.tiers.stats.loader_timeouts.incr();
+                self.inner.tiers.stats.record(Event::LoaderTimeout);
                 Err(LoadError::Cache(Error::new(
                     ErrorKind::Timeout,
                     format!("the loader did not finish within its hard timeout of {limit:?}; it was abandoned"),

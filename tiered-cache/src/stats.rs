@@ -17,55 +17,12 @@ pub(crate) struct Counter([Padded; STRIPES]);
 
 impl Counter {
     #[inline]
-    pub(crate) fn incr(&self) {
-        self.add(1);
-    }
-
-    #[inline]
     pub(crate) fn add(&self, n: u64) {
         self.0[stripe()].0.fetch_add(n, Relaxed);
     }
 
     pub(crate) fn get(&self) -> u64 {
         self.0.iter().map(|p| p.0.load(Relaxed)).sum()
-    }
-}
-
-/// "Log once per incident" for one cache: lets a line through at most once
-/// per `every_ms` (`u64::MAX`: once). Per cache, so one cache's incidents
-/// never mute another's; the counters keep the totals.
-#[derive(Debug)]
-pub(crate) struct LogLimit {
-    last_ms: AtomicU64,
-    every_ms: u64,
-}
-
-impl LogLimit {
-    /// At most one line per `every`.
-    pub(crate) fn every(every: std::time::Duration) -> Self {
-        LogLimit {
-            last_ms: AtomicU64::new(0),
-            every_ms: every.as_millis().min(u128::from(u64::MAX)) as u64,
-        }
-    }
-
-    /// One line, ever.
-    pub(crate) fn once() -> Self {
-        LogLimit {
-            last_ms: AtomicU64::new(0),
-            every_ms: u64::MAX,
-        }
-    }
-
-    /// Whether a line may be logged now (and, if so, notes it).
-    pub(crate) fn allow(&self) -> bool {
-        let now = crate::entry::now_ms().max(1);
-        let last = self.last_ms.load(Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= self.every_ms;
-        due && self
-            .last_ms
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
     }
 }
 
@@ -145,20 +102,4 @@ stats! {
     /// Times L1 was cleared because invalidations may have been missed: the
     /// subscription was lost and is back, or a peer could not publish.
     backplane_gaps,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_limit_lets_one_line_through_per_period() {
-        let once = LogLimit::once();
-        assert!(once.allow());
-        assert!(!once.allow());
-        let every = LogLimit::every(std::time::Duration::from_secs(3600));
-        assert!(every.allow());
-        assert!(!every.allow());
-        assert!(LogLimit::once().allow(), "another cache's limit is its own");
-    }
 }

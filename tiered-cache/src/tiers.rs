@@ -11,10 +11,12 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::entry::{self, Meta};
 use crate::error::Error;
+use crate::events::Event;
+use crate::events::LogLimit;
 use crate::l1::{later, AnyValue, L1Entry, Ticket, L1};
 use crate::l2::{L2Fault, Versioned, Write, L2};
 use crate::options::Resolved;
-use crate::stats::{LogLimit, Stats};
+use crate::stats::Stats;
 use crate::tags::TagVersions;
 
 /// See [`Tiers::lookup_l1`].
@@ -208,7 +210,7 @@ impl Tiers {
         } = prepared;
         match self.store_l2(key, &bytes, keep, origin).await {
             L2Store::Refused => {
-                self.stats.stale_writes_refused.incr();
+                self.stats.record(Event::StaleWriteRefused);
                 return;
             }
             L2Store::Stored(version) => meta.version = version,
@@ -244,7 +246,7 @@ impl Tiers {
             Origin::Load(Claim { l2: None, .. }) => return L2Store::Skipped,
         };
         if bytes.len() > self.max_value_bytes {
-            self.stats.oversized_skips.incr();
+            self.stats.record(Event::OversizedSkip);
             // The older value in Redis must not outlive this newer one.
             let _ = l2.invalidate(key).await;
             return L2Store::Skipped;
@@ -396,7 +398,7 @@ impl Tiers {
             return L1Lookup::Miss;
         };
         if entry.failsafe {
-            self.stats.misses.incr();
+            self.stats.record(Event::Miss);
             return L1Lookup::FailSafe;
         }
         if !entry.is_fresh(Instant::now()) {
@@ -431,9 +433,9 @@ impl Tiers {
     ) -> Option<Option<Arc<V>>> {
         let hit = typed::<V>(entry)?;
         if hit.is_some() {
-            self.stats.l1_hits.incr();
+            self.stats.record(Event::L1Hit);
         } else {
-            self.stats.negative_hits.incr();
+            self.stats.record(Event::NegativeHit);
         }
         Some(hit)
     }
@@ -498,7 +500,7 @@ impl Tiers {
                 .await
         };
         if !current {
-            self.stats.tag_stale_drops.incr();
+            self.stats.record(Event::TagStaleDrop);
             return None;
         }
         let value: Option<AnyValue> = match envelope.value {
@@ -527,7 +529,7 @@ impl Tiers {
 
     /// A bad entry is a miss: deleted, counted, logged (rate-limited).
     pub(crate) async fn bad_entry(&self, key: &str, why: &str) {
-        self.stats.decode_failures.incr();
+        self.stats.record(Event::DecodeFailure);
         if self.bad_entry_log.allow() {
             // The counter has the totals.
             tracing::warn!(reason = why, "an entry in Redis was unusable; treated as a miss and deleted (see stats.decode_failures)");

@@ -15,6 +15,7 @@ use redis::{Client, Cmd, FromRedisValue, RedisError};
 
 use crate::entry::now_ms;
 use crate::error::{Error, ErrorKind};
+use crate::events::Event;
 use crate::stats::Stats;
 
 pub(crate) mod budget;
@@ -246,14 +247,14 @@ impl L2 {
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         if self.resting_until_ms.load(Ordering::Relaxed) > now_ms() {
-            self.stats.l2_skipped.incr();
+            self.stats.record(Event::L2Skipped);
             return Err(L2Fault::Resting);
         }
         let timeout = budget::time_left(self.timeout);
         if timeout.is_zero() {
             // The call's budget is spent (earlier commands were slow): not
             // sent, and not Redis's fault a second time.
-            self.stats.l2_skipped.incr();
+            self.stats.record(Event::L2Skipped);
             return Err(L2Fault::Timeout);
         }
         let outcome = match tokio::time::timeout(timeout, send(self.conn.clone())).await {
@@ -278,7 +279,7 @@ impl L2 {
             }
             Err(L2Fault::Rejected(e)) => {
                 // Redis is well: it answered. Count it, log each kind once.
-                self.stats.l2_errors.incr();
+                self.stats.record(Event::L2Error);
                 let code = e.code().unwrap_or("error");
                 if self.rejections.first_time(code) {
                     tracing::warn!(
@@ -289,7 +290,7 @@ impl L2 {
                 }
             }
             Err(fault) => {
-                self.stats.l2_errors.incr();
+                self.stats.record(Event::L2Error);
                 if !matches!(fault, L2Fault::WrongType) {
                     let until = now_ms() + REST_AFTER_FAILURE.as_millis() as u64;
                     self.resting_until_ms.store(until, Ordering::Relaxed);

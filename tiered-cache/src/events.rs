@@ -1,0 +1,156 @@
+//! The one observability seam: what the cache does is recorded as named
+//! events, in one place. Today they feed the counters behind
+//! [`stats`](crate::TieredCache::stats); a metrics exporter (the `metrics`
+//! feature, to come) hooks in here rather than at each call site. The
+//! per-cache "log once per incident" guard lives here too.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::stats::{Counter, Stats};
+
+/// Something the cache did, as counted in [`StatsSnapshot`](crate::StatsSnapshot)
+/// (each variant names its counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// `stats.l1_hits`.
+    L1Hit,
+    /// `stats.l2_hits`.
+    L2Hit,
+    /// `stats.misses`.
+    Miss,
+    /// `stats.negative_hits`.
+    NegativeHit,
+    /// `stats.loads`.
+    Load,
+    /// `stats.load_errors`.
+    LoadError,
+    /// `stats.coalesced_waits`.
+    CoalescedWait,
+    /// `stats.early_refreshes`.
+    EarlyRefresh,
+    /// `stats.stale_refreshes`.
+    StaleRefresh,
+    /// `stats.stale_served`.
+    StaleServed,
+    /// `stats.loader_timeouts`.
+    LoaderTimeout,
+    /// `stats.decode_failures`.
+    DecodeFailure,
+    /// `stats.l2_errors`.
+    L2Error,
+    /// `stats.l2_skipped`.
+    L2Skipped,
+    /// `stats.stale_writes_refused`.
+    StaleWriteRefused,
+    /// `stats.oversized_skips`.
+    OversizedSkip,
+    /// `stats.tag_stale_drops`.
+    TagStaleDrop,
+    /// `stats.invalidations_received`.
+    InvalidationReceived,
+    /// `stats.backplane_gaps`.
+    BackplaneGap,
+}
+
+impl Stats {
+    /// Records one `event`.
+    #[inline]
+    pub(crate) fn record(&self, event: Event) {
+        self.record_many(event, 1);
+    }
+
+    /// Records `n` of `event` at once.
+    #[inline]
+    pub(crate) fn record_many(&self, event: Event, n: u64) {
+        self.counter(event).add(n);
+    }
+
+    #[inline]
+    fn counter(&self, event: Event) -> &Counter {
+        match event {
+            Event::L1Hit => &self.l1_hits,
+            Event::L2Hit => &self.l2_hits,
+            Event::Miss => &self.misses,
+            Event::NegativeHit => &self.negative_hits,
+            Event::Load => &self.loads,
+            Event::LoadError => &self.load_errors,
+            Event::CoalescedWait => &self.coalesced_waits,
+            Event::EarlyRefresh => &self.early_refreshes,
+            Event::StaleRefresh => &self.stale_refreshes,
+            Event::StaleServed => &self.stale_served,
+            Event::LoaderTimeout => &self.loader_timeouts,
+            Event::DecodeFailure => &self.decode_failures,
+            Event::L2Error => &self.l2_errors,
+            Event::L2Skipped => &self.l2_skipped,
+            Event::StaleWriteRefused => &self.stale_writes_refused,
+            Event::OversizedSkip => &self.oversized_skips,
+            Event::TagStaleDrop => &self.tag_stale_drops,
+            Event::InvalidationReceived => &self.invalidations_received,
+            Event::BackplaneGap => &self.backplane_gaps,
+        }
+    }
+}
+
+/// "Log once per incident" for one cache: lets a line through at most once
+/// per `every_ms` (`u64::MAX`: once). Per cache, so one cache's incidents
+/// never mute another's; the counters keep the totals.
+#[derive(Debug)]
+pub(crate) struct LogLimit {
+    last_ms: AtomicU64,
+    every_ms: u64,
+}
+
+impl LogLimit {
+    /// At most one line per `every`.
+    pub(crate) fn every(every: Duration) -> Self {
+        LogLimit {
+            last_ms: AtomicU64::new(0),
+            every_ms: every.as_millis().min(u128::from(u64::MAX)) as u64,
+        }
+    }
+
+    /// One line, ever.
+    pub(crate) fn once() -> Self {
+        LogLimit {
+            last_ms: AtomicU64::new(0),
+            every_ms: u64::MAX,
+        }
+    }
+
+    /// Whether a line may be logged now (and, if so, notes it).
+    pub(crate) fn allow(&self) -> bool {
+        let now = crate::entry::now_ms().max(1);
+        let last = self.last_ms.load(Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= self.every_ms;
+        due && self
+            .last_ms
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_lets_one_line_through_per_period() {
+        let once = LogLimit::once();
+        assert!(once.allow());
+        assert!(!once.allow());
+        let every = LogLimit::every(Duration::from_secs(3600));
+        assert!(every.allow());
+        assert!(!every.allow());
+        assert!(LogLimit::once().allow(), "another cache's limit is its own");
+    }
+
+    #[test]
+    fn each_event_counts_in_its_own_counter() {
+        let stats = Stats::default();
+        stats.record(Event::L1Hit);
+        stats.record_many(Event::InvalidationReceived, 3);
+        let s = stats.snapshot();
+        assert_eq!((s.l1_hits, s.invalidations_received, s.misses), (1, 3, 0));
+    }
+}
