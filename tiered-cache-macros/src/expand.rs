@@ -411,18 +411,18 @@ mod tests {
     fn key_parts_and_self_type() {
         let out = run(
             "skip = [db]",
-            "async fn get(db: &Db, id: u64) -> Product { todo!() }",
+            "async fn get(db: &Db, id: u64) -> Product { load(id).await }",
         );
         assert!(!out.contains("Part :: new (& (db))") && out.contains("Part :: new (& (id))"));
         let out = run(
             r#"key = "{self.tenant}:{id}", cache = self.cache"#,
-            "async fn get(&self, id: u64) -> P { todo!() }",
+            "async fn get(&self, id: u64) -> P { load(id).await }",
         );
         assert!(out.contains("type_name :: < Self >") && out.contains("cache_ref"));
         assert!(out.contains("fn get_key (& self , id : u64)"), "{out}");
         let out = run(
             r#"name = "product", cache = self.cache"#,
-            "async fn get(self: Arc<Self>, id: u64) -> P { todo!() }",
+            "async fn get(self: Arc<Self>, id: u64) -> P { load(id).await }",
         );
         assert!(
             !out.contains("type_name") && out.contains("cache_owned"),
@@ -432,7 +432,7 @@ mod tests {
 
     #[test]
     fn companion_keeps_only_generics_it_mentions() {
-        let item = "async fn get<'a, D: Db, K: Display>(db: &'a D, id: K) -> P where D: Send, K: Sync { todo!() }";
+        let item = "async fn get<'a, D: Db, K: Display>(db: &'a D, id: K) -> P where D: Send, K: Sync { load(id).await }";
         let out = run("skip = [db]", item);
         assert!(out.contains("fn get_key < K : Display > (id : K) -> :: tiered_cache :: __private :: Key < P > where K : Sync"), "{out}");
         assert!(!run("key_fn = false", "async fn get(id: u64) -> P {}").contains("get_key"));
@@ -455,7 +455,7 @@ mod tests {
             quote!(ttl = "x"),
             quote!(
                 fn get(id: u64) -> P {
-                    todo!()
+                    load(id)
                 }
             ),
         )
