@@ -69,6 +69,23 @@ impl Subscriber for Lines {
     fn exit(&self, _: &Id) {}
 }
 
+/// A server with an ACL user `app` (password [`PASSWORD`], every key and
+/// command, `channels` its pub/sub rights), and a cache connecting as it.
+async fn as_acl_user(channels: &str) -> (RedisServer, TieredCache) {
+    let password = format!(">{PASSWORD}");
+    let server =
+        RedisServer::start_with(&["--user", "app", "on", &password, "~*", channels, "+@all"])
+            .expect("redis-server");
+    let url = format!("redis://app:{PASSWORD}@127.0.0.1:{}", server.port());
+    let cache = TieredCache::builder()
+        .namespace("logs")
+        .redis(url.as_str())
+        .build()
+        .await
+        .expect("build");
+    (server, cache)
+}
+
 const REDIS_FAILED: &str = "Redis failed";
 const REDIS_BACK: &str = "Redis answers again";
 
@@ -108,23 +125,7 @@ async fn redis_trouble_is_logged_once_per_incident_without_secrets_or_values() {
     let _capture = tracing::subscriber::set_default(lines.clone());
 
     // An ACL user with a password: the URL carries a secret.
-    let mut server = RedisServer::start_with(&[
-        "--user",
-        "app",
-        "on",
-        &format!(">{PASSWORD}"),
-        "~*",
-        "&*",
-        "+@all",
-    ])
-    .expect("redis-server");
-    let url = format!("redis://app:{PASSWORD}@127.0.0.1:{}", server.port());
-    let cache = TieredCache::builder()
-        .namespace("logs")
-        .redis(url.as_str())
-        .build()
-        .await
-        .expect("build");
+    let (mut server, cache) = as_acl_user("&*").await;
     assert!(cache.has_l2());
     load(&cache, &key(1), 1).await;
 
@@ -179,23 +180,7 @@ async fn redis_trouble_is_logged_once_per_incident_without_secrets_or_values() {
 async fn a_refused_publish_is_logged_once_and_is_not_an_outage() {
     let lines = Lines::default();
     let _capture = tracing::subscriber::set_default(lines.clone());
-    let server = RedisServer::start_with(&[
-        "--user",
-        "app",
-        "on",
-        &format!(">{PASSWORD}"),
-        "~*",
-        "resetchannels",
-        "+@all",
-    ])
-    .expect("redis-server");
-    let url = format!("redis://app:{PASSWORD}@127.0.0.1:{}", server.port());
-    let cache = TieredCache::builder()
-        .namespace("logs")
-        .redis(url.as_str())
-        .build()
-        .await
-        .expect("build");
+    let (_server, cache) = as_acl_user("resetchannels").await;
     for id in 0..20 {
         cache
             .set(
