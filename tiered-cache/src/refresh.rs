@@ -234,10 +234,13 @@ impl TieredCache {
         leader: Leader,
         claim: Claim,
     ) {
-        let budget = match &self.inner.tiers.l2 {
-            Some(l2) => claim.budget_left(l2.timeout()),
-            None => Duration::MAX, // L1 only: nothing slow to wait for
+        let Some(l2) = &self.inner.tiers.l2 else {
+            // L1 only: nothing slow to wait for, no task to spawn.
+            self.inner.tiers.commit(key, prepared).await;
+            drop(leader);
+            return;
         };
+        let budget = claim.budget_left(l2.timeout());
         let this = self.clone();
         let key = key.to_owned();
         let store = tokio::spawn(async move {
