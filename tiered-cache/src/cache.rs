@@ -25,7 +25,7 @@ use crate::options::EntryOptions;
 use crate::refresh::early_refresh_due;
 use crate::stats::StatsSnapshot;
 use crate::tags::EPOCH_TAG;
-use crate::tiers::{prepare, typed, L1Lookup, Origin, Tiers};
+use crate::tiers::{prepare, typed, Committed, L1Lookup, Origin, Reserved, Tiers};
 
 /// The result every caller of one flight shares.
 pub(crate) type Outcome<V, E> = Result<Option<Arc<V>>, LoadError<E>>;
@@ -142,29 +142,76 @@ impl TieredCache {
         V: Serialize + Send + Sync + 'static,
         C: Codec,
     {
+        self.store_entry::<V, C>(
+            key.as_str(),
+            Some(Arc::new(value)),
+            options,
+            Duration::ZERO,
+            Origin::Write,
+        )
+        .await?;
+        // After the Redis write: a peer that drops its copy reads the new one.
+        self.announce_key(key.as_str());
+        Ok(())
+    }
+
+    /// Encodes and stores an entry in both tiers, within one L2 budget:
+    /// `value` (`None`: a cached negative) under `key`, fresh for the
+    /// options' TTL plus `extra_ttl`.
+    pub(crate) async fn store_entry<V, C>(
+        &self,
+        key: &str,
+        value: Option<Arc<V>>,
+        options: &EntryOptions,
+        extra_ttl: Duration,
+        origin: Origin,
+    ) -> Result<Committed, Error>
+    where
+        V: Serialize + Send + Sync + 'static,
+        C: Codec,
+    {
         let opts = options.resolve(&self.inner.defaults);
         let tiers = &self.inner.tiers;
-        let value: AnyValue = Arc::new(value);
-        let typed_value = value.downcast_ref::<V>();
+        let erased: Option<AnyValue> = value.clone().map(|v| v as AnyValue);
         tiers
             .within_budget(async {
                 let stamps = tiers.tags.stamps(&opts.tags, tiers.l2.as_ref()).await;
                 let prepared = prepare::<V, C>(
-                    typed_value,
-                    Some(&value),
+                    value.as_deref(),
+                    erased.as_ref(),
                     &opts,
                     stamps,
                     Duration::ZERO,
-                    opts.ttl,
-                    Origin::Write,
+                    opts.ttl.saturating_add(extra_ttl),
+                    origin,
                 )?;
-                tiers.commit(key.as_str(), prepared).await;
-                Ok::<_, Error>(())
+                Ok(tiers.commit(key, prepared).await)
             })
-            .await?;
-        // After the Redis write: a peer that drops its copy reads the new one.
-        self.announce(Event::Key(key.as_str().to_owned()));
-        Ok(())
+            .await
+    }
+
+    /// Takes a write's version before it goes to the application's store;
+    /// see [`Tiers::reserve`].
+    pub(crate) async fn reserve(&self, key: &str) -> Reserved {
+        let tiers = &self.inner.tiers;
+        tiers.within_budget(tiers.reserve(key)).await
+    }
+
+    pub(crate) fn record(&self, event: events::Event) {
+        self.inner.tiers.stats.record(event);
+    }
+
+    pub(crate) fn record_many(&self, event: events::Event, n: u64) {
+        self.inner.tiers.stats.record_many(event, n);
+    }
+
+    pub(crate) fn write_queue_shrank(&self, n: u64) {
+        self.inner.tiers.stats.write_queue_shrank(n);
+    }
+
+    /// Tells the other instances to drop `key`, after this one's Redis write.
+    pub(crate) fn announce_key(&self, key: &str) {
+        self.announce(Event::Key(key.to_owned()));
     }
 
     /// Removes `key` from both tiers (Redis first) and tells other

@@ -22,6 +22,10 @@ pub enum ErrorKind {
     Timeout,
     /// No process-wide cache was installed with `install`.
     NotInstalled,
+    /// A write-behind queue was full (with `WhenFull::Error`).
+    QueueFull,
+    /// A write-behind queue was shut down.
+    Closed,
 }
 
 /// The crate's error: a [`kind`](Error::kind), a message that says what to do,

@@ -51,6 +51,24 @@ pub(crate) enum Event {
     InvalidationReceived,
     /// `stats.backplane_gaps`.
     BackplaneGap,
+    /// `stats.store_writes`.
+    StoreWrite,
+    /// `stats.write_through_fallbacks`.
+    WriteThroughFallback,
+    /// `stats.writes_queued`.
+    WriteQueued,
+    /// `stats.writes_coalesced`.
+    WriteCoalesced,
+    /// `stats.writes_rejected_full`.
+    WriteRejectedFull,
+    /// `stats.write_queue_depth` up by one.
+    WriteQueueGrew,
+    /// `stats.write_flushes`.
+    WriteFlush,
+    /// `stats.write_retries`.
+    WriteRetry,
+    /// `stats.write_dead_letters`.
+    WriteDeadLetter,
 }
 
 impl Stats {
@@ -64,6 +82,11 @@ impl Stats {
     #[inline]
     pub(crate) fn record_many(&self, event: Event, n: u64) {
         self.counter(event).add(n);
+    }
+
+    /// `n` ids left the write-behind queues (their store writes are done).
+    pub(crate) fn write_queue_shrank(&self, n: u64) {
+        self.write_queue_depth.sub(n);
     }
 
     #[inline]
@@ -88,6 +111,15 @@ impl Stats {
             Event::TagStaleDrop => &self.tag_stale_drops,
             Event::InvalidationReceived => &self.invalidations_received,
             Event::BackplaneGap => &self.backplane_gaps,
+            Event::StoreWrite => &self.store_writes,
+            Event::WriteThroughFallback => &self.write_through_fallbacks,
+            Event::WriteQueued => &self.writes_queued,
+            Event::WriteCoalesced => &self.writes_coalesced,
+            Event::WriteRejectedFull => &self.writes_rejected_full,
+            Event::WriteQueueGrew => &self.write_queue_depth,
+            Event::WriteFlush => &self.write_flushes,
+            Event::WriteRetry => &self.write_retries,
+            Event::WriteDeadLetter => &self.write_dead_letters,
         }
     }
 }

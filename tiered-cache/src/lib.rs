@@ -121,6 +121,7 @@ mod refresh;
 mod stats;
 mod tags;
 mod tiers;
+pub mod write;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -132,6 +133,7 @@ pub use error::{Error, ErrorKind, LoadError, Result};
 pub use key::Key;
 pub use options::EntryOptions;
 pub use stats::StatsSnapshot;
+pub use write::{Entity, EntityCache, Store, WritePolicy};
 
 pub use global::{default_cache, install, scope};
 #[cfg(feature = "macros")]

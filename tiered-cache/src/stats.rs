@@ -21,8 +21,17 @@ impl Counter {
         self.0[stripe()].0.fetch_add(n, Relaxed);
     }
 
+    /// Takes `n` away (for a gauge, such as a queue's depth). Stripes wrap
+    /// around, so one may go "below zero" while the sum stays right.
+    #[inline]
+    pub(crate) fn sub(&self, n: u64) {
+        self.0[stripe()].0.fetch_add(n.wrapping_neg(), Relaxed);
+    }
+
     pub(crate) fn get(&self) -> u64 {
-        self.0.iter().map(|p| p.0.load(Relaxed)).sum()
+        self.0
+            .iter()
+            .fold(0u64, |sum, p| sum.wrapping_add(p.0.load(Relaxed)))
     }
 }
 
@@ -102,4 +111,24 @@ stats! {
     /// Times L1 was cleared because invalidations may have been missed: the
     /// subscription was lost and is back, or a peer could not publish.
     backplane_gaps,
+    /// Writes of entities that reached their store (each write of a
+    /// write-behind batch counts).
+    store_writes,
+    /// Write-through writes whose cache update failed (Redis down, say):
+    /// the key was invalidated everywhere instead.
+    write_through_fallbacks,
+    /// Write-behind writes queued (coalesced ones included).
+    writes_queued,
+    /// Write-behind writes that replaced a waiting write of the same id.
+    writes_coalesced,
+    /// Write-behind writes refused because the queue was full.
+    writes_rejected_full,
+    /// Ids waiting in write-behind queues now (a gauge, not a total).
+    write_queue_depth,
+    /// Write-behind batches handed to a store successfully.
+    write_flushes,
+    /// Write-behind batches tried again after the store failed them.
+    write_retries,
+    /// Write-behind writes set aside after their last attempt failed.
+    write_dead_letters,
 }

@@ -58,6 +58,45 @@ impl Claim {
     }
 }
 
+/// What [`Tiers::commit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Committed {
+    /// Stored in Redis at this version (and in L1, if it has one).
+    Stored(u64),
+    /// Not stored anywhere: a newer write or an invalidation won.
+    Refused,
+    /// Not in Redis (none, it failed, the value was too large, or the load
+    /// had no claim on it); in L1 only, if anywhere.
+    NotInRedis,
+}
+
+/// The version a write takes before it reaches the application's store,
+/// from [`Tiers::reserve`]; its claim lets that write's own cache update
+/// through.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reserved {
+    pub(crate) version: u64,
+    pub(crate) claim: Claim,
+}
+
+/// A version for a write that Redis could not number (no Redis, or it
+/// failed): the wall clock in microseconds, made strictly increasing in this
+/// process. Redis numbers writes the same way (`max(counter + 1, server
+/// time in µs)`), so the two stay comparable while the clocks agree.
+pub(crate) fn local_version() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = entry::now_ms().saturating_mul(1000);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
 /// What the Redis half of a store did.
 enum L2Store {
     Stored(u64),
@@ -198,7 +237,7 @@ impl Tiers {
     /// or dropped since its claim: in Redis by compare-and-set on the
     /// entry's version, in L1 by its drop ticket. An application's write
     /// (`Origin::Write`) replaces what is there.
-    pub(crate) async fn commit(&self, key: &str, prepared: Prepared) {
+    pub(crate) async fn commit(&self, key: &str, prepared: Prepared) -> Committed {
         let Prepared {
             mut meta,
             bytes,
@@ -208,21 +247,26 @@ impl Tiers {
             size,
             origin,
         } = prepared;
-        match self.store_l2(key, &bytes, keep, origin).await {
+        let committed = match self.store_l2(key, &bytes, keep, origin).await {
             L2Store::Refused => {
                 self.stats.record(Event::StaleWriteRefused);
-                return;
+                return Committed::Refused;
             }
-            L2Store::Stored(version) => meta.version = version,
-            L2Store::Skipped => {}
-        }
-        let Some(l1) = &self.l1 else { return };
+            L2Store::Stored(version) => {
+                meta.version = version;
+                Committed::Stored(version)
+            }
+            L2Store::Skipped => Committed::NotInRedis,
+        };
+        let Some(l1) = &self.l1 else {
+            return committed;
+        };
         // A tag bumped (or the namespace cleared) since the stamps were
         // taken, before the load, makes the entry stale already: L1 must
         // not serve it. (A bump racing this check is caught by the load's
         // ticket, or by the floors on the entry's first hit.)
         if !self.tags.is_current(&meta.tags, self.l2.as_ref()).await {
-            return;
+            return committed;
         }
         let entry = l1.entry(key, erased, meta, ttl, keep, size);
         match origin {
@@ -230,6 +274,34 @@ impl Tiers {
                 l1.insert_since(key, entry, claim.l1).await;
             }
             Origin::Write => l1.replace(key, entry).await,
+        }
+        committed
+    }
+
+    /// Takes the version of a write that reaches the application's store
+    /// before the cache (write-through, cache-aside): the entry leaves both
+    /// tiers and its version advances, so a load that began before cannot
+    /// store the value it read from the store; the returned claim lets this
+    /// write's own cache update through, unless a later write or
+    /// invalidation comes first.
+    pub(crate) async fn reserve(&self, key: &str) -> Reserved {
+        let started = Instant::now();
+        let seen = match &self.l2 {
+            Some(l2) => l2.invalidate(key).await.ok(),
+            None => None,
+        };
+        if let Some(l1) = self.local() {
+            l1.invalidate(key).await;
+        }
+        // After this write's own drop: only later drops stop its update.
+        let claim = Claim {
+            l1: self.ticket(key),
+            l2: seen,
+            spent: started.elapsed(),
+        };
+        Reserved {
+            version: seen.unwrap_or_else(local_version),
+            claim,
         }
     }
 
