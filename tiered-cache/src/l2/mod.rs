@@ -20,8 +20,10 @@ use crate::stats::Stats;
 
 pub(crate) mod budget;
 mod pubsub;
+mod stream;
 
 pub(crate) use pubsub::{Health, Messages};
+pub(crate) use stream::StreamEntry;
 
 /// Why a Redis call did not give an answer.
 #[derive(Debug)]
@@ -192,6 +194,11 @@ impl L2 {
     /// The L2 timeout, which bounds every command.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Runs `call` (one or a few commands) within one L2 budget.
+    pub(crate) async fn within_timeout<F: std::future::Future>(&self, call: F) -> F::Output {
+        budget::within(self.timeout, call).await
     }
 
     /// The Redis key of an entry, or of any other key of this namespace.

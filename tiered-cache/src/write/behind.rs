@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::durable::Durable;
 use super::{DeadLetter, Entity, Store, WhenFull, WriteBehind};
 use crate::cache::TieredCache;
 use crate::codec::Postcard;
@@ -20,11 +21,14 @@ use crate::error::{Error, ErrorKind};
 use crate::events::Event;
 use crate::tiers::{local_version, Committed, Origin};
 
-/// One write waiting for the store: the value (`None`: a delete) and its version.
+/// One write waiting for the store: the value (`None`: a delete), its
+/// version, and (durable) the stream entries it stands for: its own and
+/// those of the older writes it replaced.
 #[derive(Debug)]
 struct Pending<E> {
     value: Option<Arc<E>>,
     version: u64,
+    entries: Vec<String>,
 }
 
 impl<E> Clone for Pending<E> {
@@ -32,6 +36,7 @@ impl<E> Clone for Pending<E> {
         Pending {
             value: self.value.clone(),
             version: self.version,
+            entries: self.entries.clone(),
         }
     }
 }
@@ -68,15 +73,24 @@ struct Shared<E: Entity, S: Store<E>> {
     state: Mutex<State<E>>,
     /// Wakes the worker: a write arrived, or the queue closed.
     work: Notify,
-    /// Wakes writers waiting for room, and `shutdown` waiting for the end.
+    /// Wakes writers waiting for room.
     room: Notify,
+    /// Wakes the orphan rounds of a durable queue when it closes.
+    stop: Notify,
     dead: Mutex<Vec<DeadLetter<E::Id, E>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// The Redis Stream that makes the queue durable, if it is.
+    durable: Option<Durable>,
 }
 
 impl<E: Entity, S: Store<E>> Queue<E, S> {
     /// A queue flushing to `store`, its worker spawned on the current runtime.
-    pub(crate) fn start(cache: TieredCache, store: Arc<S>, config: WriteBehind) -> Self {
+    pub(crate) fn start(
+        cache: TieredCache,
+        store: Arc<S>,
+        config: WriteBehind,
+        durable: Option<Durable>,
+    ) -> Self {
         let shared = Arc::new(Shared {
             cache,
             store,
@@ -90,9 +104,14 @@ impl<E: Entity, S: Store<E>> Queue<E, S> {
             }),
             work: Notify::new(),
             room: Notify::new(),
+            stop: Notify::new(),
             dead: Mutex::new(Vec::new()),
             worker: Mutex::new(None),
+            durable,
         });
+        if shared.durable.is_some() {
+            tokio::spawn(adopt_orphans(Arc::clone(&shared)));
+        }
         let worker = tokio::spawn(run(Arc::clone(&shared)));
         *lock(&shared.worker) = Some(worker);
         Queue { shared }
@@ -113,14 +132,58 @@ impl<E: Entity, S: Store<E>> Queue<E, S> {
     }
 
     /// Writes the cache, then queues the store write at the version the
-    /// cache gave it.
+    /// cache gave it (durable: appended to the stream first).
     pub(crate) async fn put(&self, id: &E::Id, value: Option<Arc<E>>) -> Result<(), Error> {
+        self.shared.put(id, value).await
+    }
+
+    /// Queues a store write (a replayed dead letter's).
+    pub(crate) async fn enqueue(
+        &self,
+        id: E::Id,
+        value: Option<Arc<E>>,
+        version: u64,
+    ) -> Result<(), Error> {
+        let entries = match &self.shared.durable {
+            Some(durable) => vec![durable.append(&id, value.as_deref(), version).await?],
+            None => Vec::new(),
+        };
+        let pending = Pending {
+            value,
+            version,
+            entries,
+        };
+        self.shared.enqueue(id, pending).await
+    }
+
+    /// Closes the queue and waits until the worker flushed it.
+    pub(crate) async fn shutdown(&self) {
+        lock(&self.shared.state).closed = true;
+        self.shared.work.notify_one();
+        self.shared.room.notify_waiters();
+        self.shared.stop.notify_waiters();
+        let worker = lock(&self.shared.worker).take();
+        if let Some(worker) = worker {
+            let _ = worker.await;
+        }
+    }
+
+    pub(crate) async fn take_dead_letters(&self) -> Vec<DeadLetter<E::Id, E>> {
+        match &self.shared.durable {
+            Some(durable) => durable.take_dead_letters().await,
+            None => std::mem::take(&mut *lock(&self.shared.dead)),
+        }
+    }
+}
+
+impl<E: Entity, S: Store<E>> Shared<E, S> {
+    async fn put(&self, id: &E::Id, value: Option<Arc<E>>) -> Result<(), Error> {
         self.wait_for_room(id).await?;
-        let cache = &self.shared.cache;
+        let cache = &self.cache;
         let key = E::key(id);
         // Fresh past its TTL for as long as the write may wait, so a reader
         // elsewhere does not load the older value from the store meanwhile.
-        let extra = self.shared.config.horizon();
+        let extra = self.config.horizon();
         let committed = cache
             .store_entry::<E, Postcard>(
                 key.as_str(),
@@ -135,43 +198,58 @@ impl<E: Entity, S: Store<E>> Queue<E, S> {
             Committed::Stored(version) => version,
             _ => local_version(),
         };
-        self.enqueue(id.clone(), value, version).await
+        let mut entries = Vec::new();
+        if let Some(durable) = &self.durable {
+            match durable.append(id, value.as_deref(), version).await {
+                Ok(entry) => entries.push(entry),
+                Err(e) => {
+                    // Not accepted: the cache must not keep a value that
+                    // no store will get.
+                    let _ = cache.invalidate(&key).await;
+                    return Err(e);
+                }
+            }
+        }
+        let pending = Pending {
+            value,
+            version,
+            entries,
+        };
+        self.enqueue(id.clone(), pending).await
     }
 
-    /// Queues a store write (a put's, or a replayed dead letter's).
-    pub(crate) async fn enqueue(
-        &self,
-        id: E::Id,
-        value: Option<Arc<E>>,
-        version: u64,
-    ) -> Result<(), Error> {
+    /// Queues a store write; one waiting for the same id is replaced by
+    /// the newer of the two (whose entries then stand for both).
+    async fn enqueue(&self, id: E::Id, mut pending: Pending<E>) -> Result<(), Error> {
         self.wait_for_room(&id).await?;
-        let mut state = lock(&self.shared.state);
+        let mut state = lock(&self.state);
         if state.closed {
             return Err(closed());
         }
-        let pending = Pending { value, version };
         match state.waiting.get_mut(&id) {
-            Some(older) if older.version > version => {} // a newer write is queued
-            Some(older) => {
-                *older = pending;
-                self.shared.cache.record(Event::WriteCoalesced);
+            Some(waiting) => {
+                if waiting.version > pending.version {
+                    std::mem::swap(waiting, &mut pending);
+                }
+                let replaced = std::mem::replace(waiting, pending);
+                waiting.entries.extend(replaced.entries);
+                self.cache.record(Event::WriteCoalesced);
             }
             None => {
                 state.waiting.insert(id.clone(), pending);
                 state.order.push_back(id);
-                self.shared.cache.record(Event::WriteQueueGrew);
+                self.cache.record(Event::WriteQueueGrew);
             }
         }
         // The worker sleeps until told: that the queue is no longer empty
         // (its flush interval starts now), or that a batch is full.
         let first = state.since.is_none();
         state.since.get_or_insert_with(Instant::now);
-        let full_batch = state.waiting.len() >= self.shared.config.batch_size;
+        let full_batch = state.waiting.len() >= self.config.batch_size;
         drop(state);
-        self.shared.cache.record(Event::WriteQueued);
+        self.cache.record(Event::WriteQueued);
         if first || full_batch {
-            self.shared.work.notify_one();
+            self.work.notify_one();
         }
         Ok(())
     }
@@ -180,48 +258,70 @@ impl<E: Entity, S: Store<E>> Queue<E, S> {
     /// when the queue is full (with [`WhenFull::Error`]) or closed.
     async fn wait_for_room(&self, id: &E::Id) -> Result<(), Error> {
         loop {
-            let room = self.shared.room.notified();
+            let room = self.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             {
-                let state = lock(&self.shared.state);
+                let state = lock(&self.state);
                 if state.closed {
                     return Err(closed());
                 }
-                if state.waiting.contains_key(id)
-                    || state.waiting.len() < self.shared.config.capacity
-                {
+                if state.waiting.contains_key(id) || state.waiting.len() < self.config.capacity {
                     return Ok(());
                 }
             }
-            if self.shared.config.when_full == WhenFull::Error {
-                self.shared.cache.record(Event::WriteRejectedFull);
+            if self.config.when_full == WhenFull::Error {
+                self.cache.record(Event::WriteRejectedFull);
                 return Err(Error::new(
                     ErrorKind::QueueFull,
                     format!(
                         "the write-behind queue of `{}` is full ({} ids wait for the store): retry later, raise `capacity`, or use `WhenFull::Wait`",
                         E::NAME,
-                        self.shared.config.capacity
+                        self.config.capacity
                     ),
                 ));
             }
             room.await;
         }
     }
+}
 
-    /// Closes the queue and waits until the worker flushed it.
-    pub(crate) async fn shutdown(&self) {
-        lock(&self.shared.state).closed = true;
-        self.shared.work.notify_one();
-        self.shared.room.notify_waiters();
-        let worker = lock(&self.shared.worker).take();
-        if let Some(worker) = worker {
-            let _ = worker.await;
-        }
+impl<E: Entity, S: Store<E>> Shared<E, S> {
+    /// These writes are done with (stored, or set aside): their stream
+    /// entries go.
+    async fn finished<'a>(&self, writes: impl IntoIterator<Item = &'a Pending<E>>) {
+        let Some(durable) = &self.durable else { return };
+        let entries: Vec<String> = writes
+            .into_iter()
+            .flat_map(|p| p.entries.iter().cloned())
+            .collect();
+        durable.done(&entries).await;
     }
+}
 
-    pub(crate) async fn take_dead_letters(&self) -> Vec<DeadLetter<E::Id, E>> {
-        std::mem::take(&mut *lock(&self.shared.dead))
+/// Durable queues only: every round, queues the writes found in the stream
+/// that no live queue will flush (see [`Durable`]); stops with the queue.
+async fn adopt_orphans<E: Entity, S: Store<E>>(shared: Arc<Shared<E, S>>) {
+    let Some(durable) = &shared.durable else {
+        return;
+    };
+    let mut first = true;
+    loop {
+        if lock(&shared.state).closed {
+            return;
+        }
+        for orphan in durable.orphans::<E>(first).await {
+            let pending = Pending {
+                value: orphan.value,
+                version: orphan.version,
+                entries: vec![orphan.entry],
+            };
+            if shared.enqueue(orphan.id, pending).await.is_err() {
+                return; // closed
+            }
+        }
+        first = false;
+        let _ = tokio::time::timeout(durable.round_every(), shared.stop.notified()).await;
     }
 }
 
@@ -230,6 +330,7 @@ impl<E: Entity, S: Store<E>> Drop for Queue<E, S> {
         // The worker goes on until it flushed what is queued, then stops.
         lock(&self.shared.state).closed = true;
         self.shared.work.notify_one();
+        self.shared.stop.notify_waiters();
     }
 }
 
@@ -322,6 +423,7 @@ async fn flush<E: Entity, S: Store<E>>(shared: &Shared<E, S>, batch: &[(E::Id, P
                 shared
                     .cache
                     .record_many(Event::StoreWrite, batch.len() as u64);
+                shared.finished(batch.iter().map(|(_, p)| p)).await;
                 return;
             }
             Err(_) if attempt < config.max_attempts => {
@@ -338,6 +440,7 @@ async fn flush<E: Entity, S: Store<E>>(shared: &Shared<E, S>, batch: &[(E::Id, P
             Ok(()) => shared.cache.record(Event::StoreWrite),
             Err(error) => set_aside(shared, id, pending, error, config.max_attempts + 1).await,
         }
+        shared.finished([pending]).await;
     }
 }
 
@@ -379,13 +482,17 @@ async fn set_aside<E: Entity, S: Store<E>>(
         attempts,
         "a write-behind write kept failing and was set aside as a dead letter (see take_dead_letters)"
     );
-    lock(&shared.dead).push(DeadLetter {
+    let letter = DeadLetter {
         id: id.clone(),
         value: pending.value.clone(),
         version: pending.version,
         error: error.to_string(),
         attempts,
-    });
+    };
+    match &shared.durable {
+        Some(durable) => durable.dead_letter(&letter).await,
+        None => lock(&shared.dead).push(letter),
+    }
     let newer = lock(&shared.state).waiting.contains_key(id);
     if !newer {
         let _ = shared.cache.invalidate(&E::key(id)).await;

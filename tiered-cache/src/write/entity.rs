@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::behind::Queue;
+use super::durable::Durable;
 use super::{DeadLetter, Store, WriteError, WritePolicy};
 use crate::cache::TieredCache;
 use crate::codec::Postcard;
@@ -112,8 +113,8 @@ impl TieredCache {
     /// tokio runtime).
     ///
     /// # Errors
-    /// None yet: a setting that needs what the cache lacks will be a
-    /// [`ErrorKind::Config`] error here.
+    /// [`ErrorKind::Config`] for a durable write-behind entity on a cache
+    /// without Redis.
     pub fn entity<E: Entity, S: Store<E>>(&self, store: S) -> Result<EntityCache<E, S>, Error> {
         self.entity_with(store, E::policy())
     }
@@ -130,11 +131,25 @@ impl TieredCache {
     ) -> Result<EntityCache<E, S>, Error> {
         let store = Arc::new(store);
         let queue = match &policy {
-            WritePolicy::WriteBehind(config) => Some(Queue::start(
-                self.clone(),
-                Arc::clone(&store),
-                config.clone(),
-            )),
+            WritePolicy::WriteBehind(config) => {
+                let durable = match (config.durable, &self.inner.tiers.l2) {
+                    (false, _) => None,
+                    (true, Some(l2)) => Some(Durable::new(l2.clone(), E::NAME, E::VERSION, config)),
+                    (true, None) => return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "entity `{}` is durable write-behind, which keeps its queue in Redis: configure `redis(..)` on the builder, or turn `durable` off",
+                            E::NAME
+                        ),
+                    )),
+                };
+                Some(Queue::start(
+                    self.clone(),
+                    Arc::clone(&store),
+                    config.clone(),
+                    durable,
+                ))
+            }
             _ => None,
         };
         Ok(EntityCache {
