@@ -3,6 +3,30 @@
 
 pub mod sqlite;
 
+use tiered_cache::testkit::RedisServer;
+
+/// `REDIS_URL`, else a throwaway server if `redis-server` is installed
+/// (kept running while the returned server lives), else none (L1-only).
+pub fn redis_url() -> (Option<String>, Option<RedisServer>) {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        println!("using Redis from REDIS_URL");
+        return (Some(url), None);
+    }
+    match RedisServer::start() {
+        Ok(server) => {
+            println!(
+                "REDIS_URL not set: started a throwaway redis-server on port {}",
+                server.port()
+            );
+            (Some(server.url()), Some(server))
+        }
+        Err(e) => {
+            println!("REDIS_URL not set and no redis-server to start ({e}): running L1-only");
+            (None, None)
+        }
+    }
+}
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};

@@ -131,6 +131,47 @@ async fn write_through_reads_its_writes_on_every_instance() {
     assert_eq!(caches[0].stats().write_through_fallbacks, 0);
 }
 
+/// The `#[cached]` reader of the same name, version and key sees the
+/// entity's writes (and the entity sees what the reader cached).
+#[tiered_cache::cached(name = "product", key = "{id}", version = 1, cache = cache, skip = [hits])]
+async fn product_page(
+    cache: &TieredCache,
+    hits: &std::sync::atomic::AtomicU64,
+    id: u64,
+) -> Result<Option<Product>, std::io::Error> {
+    hits.fetch_add(1, SeqCst);
+    Ok(None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_function_of_the_same_key_reads_the_entity_writes() {
+    let redis = RedisServer::start().expect("redis");
+    let db = TempDb::new("pairing");
+    let table = db.table::<Product>();
+    let (a, b) = (
+        cache_on(&redis, "pairing").await,
+        cache_on(&redis, "pairing").await,
+    );
+    let products = a
+        .entity_with(table.clone(), WritePolicy::WriteThrough)
+        .unwrap();
+    let body_runs = std::sync::atomic::AtomicU64::new(0);
+    products.put(&5, product("chair", 4_000)).await.unwrap();
+    let page = product_page(&b, &body_runs, 5).await.unwrap();
+    assert_eq!(price(page.map(std::sync::Arc::new)), Some(4_000));
+    assert_eq!(body_runs.load(SeqCst), 0, "served from the entity's entry");
+    products.put(&5, product("chair", 3_000)).await.unwrap();
+    eventually("the reader on B sees the new price", || async {
+        product_page(&b, &body_runs, 5)
+            .await
+            .unwrap()
+            .map(|p| p.price_cents)
+            == Some(3_000)
+    })
+    .await;
+    assert_eq!(body_runs.load(SeqCst), 0);
+}
+
 /// A value Redis will not take (over `max_value_bytes`): the key is
 /// invalidated everywhere instead, and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

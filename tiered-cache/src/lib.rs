@@ -44,6 +44,13 @@
 //! [`l1_ttl_cap`](TieredCacheBuilder::l1_ttl_cap)). A load whose Redis read
 //! failed does not write Redis at all.
 //!
+//! **Write policies per entity.** An [`Entity`] declares its key, its cache
+//! options and a [`WritePolicy`]; [`TieredCache::entity`] pairs it with the
+//! application's [`Store`]: cache-aside, write-through, or write-behind
+//! (bounded, batched, coalescing, retried, with dead letters, and durable on
+//! a Redis Stream if asked). Every store write carries the entry's version,
+//! so a store can refuse an older one. See [`write`].
+//!
 //! **The default cache of `#[cached]`.** A function names its cache with
 //! `cache = expr`; without it, it uses the innermost
 //! [`scope`] around the call (a task-local default, like

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tiered_cache::testkit::RedisServer;
 use tiered_cache::{EntryOptions, Key, TieredCache};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,7 +37,7 @@ impl Database {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (url, _server) = redis_url();
+    let (url, _server) = tiered_cache_examples::redis_url();
     let mut builder = TieredCache::builder()
         .namespace("quickstart")
         .l1_max_bytes(8 << 20);
@@ -134,25 +133,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     );
     Ok(())
-}
-
-/// `REDIS_URL`, else a throwaway server if `redis-server` is installed.
-fn redis_url() -> (Option<String>, Option<RedisServer>) {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        println!("using Redis from REDIS_URL");
-        return (Some(url), None);
-    }
-    match RedisServer::start() {
-        Ok(server) => {
-            println!(
-                "REDIS_URL not set: started a throwaway redis-server on port {}",
-                server.port()
-            );
-            (Some(server.url()), Some(server))
-        }
-        Err(e) => {
-            println!("REDIS_URL not set and no redis-server to start ({e}): running L1-only");
-            (None, None)
-        }
-    }
 }
