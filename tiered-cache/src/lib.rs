@@ -49,7 +49,7 @@
 //! application's [`Store`]: cache-aside, write-through, or write-behind
 //! (bounded, batched, coalescing, retried, with dead letters, and durable on
 //! a Redis Stream if asked). Every store write carries the entry's version,
-//! so a store can refuse an older one. See [`write`].
+//! so a store can refuse an older one. See [`write`](mod@write).
 //!
 //! **The default cache of `#[cached]`.** A function names its cache with
 //! `cache = expr`; without it, it uses the innermost
