@@ -128,7 +128,7 @@ async fn write_through_reads_its_writes_on_every_instance() {
         pf.get(&1).await.unwrap().is_none() && pb.get(&1).await.unwrap().is_none()
     })
     .await;
-    assert_eq!(caches[0].stats().write_through_fallbacks, 0);
+    assert_eq!(caches[0].stats().write_fallbacks, 0);
 }
 
 /// The `#[cached]` reader of the same name, version and key sees the
@@ -201,7 +201,7 @@ async fn write_through_that_cannot_write_redis_invalidates_everywhere() {
 
     let big = product(&"x".repeat(1000), 2);
     pa.put(&1, big).await.unwrap();
-    assert_eq!(a.stats().write_through_fallbacks, 1);
+    assert_eq!(a.stats().write_fallbacks, 1);
     assert_eq!(a.stats().oversized_skips, 1);
     eventually("B drops the old value and loads the new one", || async {
         price(pb.get(&1).await.unwrap()) == Some(2)
@@ -229,13 +229,102 @@ async fn write_through_with_redis_down_is_never_a_silent_success() {
         panic!("expected a cache error, got {outcome:?}");
     };
     assert!(e.to_string().contains("saved"), "{e}");
-    assert_eq!(a.stats().write_through_fallbacks, 1);
+    assert_eq!(a.stats().write_fallbacks, 1);
     assert_eq!(stored(&table, &1).await.map(|p| p.price_cents), Some(2));
     assert_eq!(
         price(pa.get(&1).await.unwrap()),
         Some(2),
         "loaded from the store"
     );
+}
+
+/// Runs one command on `redis` for the test's setup.
+fn redis_cmd(redis: &RedisServer, args: &[&str]) {
+    let mut conn = redis.connection().expect("a test connection");
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    let _: redis::Value = cmd.query(&mut conn).expect("a setup command");
+}
+
+/// Redis at `maxmemory` (noeviction) refuses plain writes with OOM, but in
+/// 7.0 a script without flags is not checked: the cache's compare-and-set
+/// writes still land, and every instance reads the new value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_through_while_redis_is_out_of_memory() {
+    let redis = RedisServer::start().expect("redis");
+    let db = TempDb::new("oom");
+    let table = db.table::<Product>();
+    let (a, b) = (cache_on(&redis, "oom").await, cache_on(&redis, "oom").await);
+    let on_a = a
+        .entity_with(table.clone(), WritePolicy::WriteThrough)
+        .unwrap();
+    let on_b = b
+        .entity_with(table.clone(), WritePolicy::WriteThrough)
+        .unwrap();
+    on_a.put(&1, product("old", 1)).await.unwrap();
+    assert_eq!(price(on_b.get(&1).await.unwrap()), Some(1));
+
+    redis_cmd(&redis, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis_cmd(&redis, &["SET", "ballast", &"x".repeat(4 << 20)]);
+    redis_cmd(&redis, &["CONFIG", "SET", "maxmemory", "1mb"]);
+    on_a.put(&1, product("new", 2)).await.unwrap();
+    assert_eq!(stored(&table, &1).await.map(|p| p.price_cents), Some(2));
+    eventually("B reads the new value", || async {
+        price(on_b.get(&1).await.unwrap()) == Some(2)
+    })
+    .await;
+}
+
+/// Redis refusing the cache's scripts (an ACL without EVAL) in the middle
+/// of the policies' writes: the store has each write, the older value is
+/// deleted from Redis rather than left to be read, and it is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_while_redis_refuses_the_cache_scripts() {
+    let redis = RedisServer::start().expect("redis");
+    let db = TempDb::new("noperm");
+    let table = db.table::<Product>();
+    let (a, b) = (
+        cache_on(&redis, "noperm").await,
+        cache_on(&redis, "noperm").await,
+    );
+    let through_a = a
+        .entity_with(table.clone(), WritePolicy::WriteThrough)
+        .unwrap();
+    let through_b = b
+        .entity_with(table.clone(), WritePolicy::WriteThrough)
+        .unwrap();
+    through_a.put(&1, product("old", 1)).await.unwrap();
+    assert_eq!(price(through_b.get(&1).await.unwrap()), Some(1));
+
+    redis_cmd(&redis, &["ACL", "SETUSER", "default", "-eval", "-evalsha"]);
+    through_a.put(&1, product("new", 2)).await.unwrap();
+    assert_eq!(a.stats().write_fallbacks, 1);
+    assert_eq!(stored(&table, &1).await.map(|p| p.price_cents), Some(2));
+    assert_eq!(price(through_a.get(&1).await.unwrap()), Some(2));
+    eventually("B drops the old value", || async {
+        price(through_b.get(&1).await.unwrap()) == Some(2)
+    })
+    .await;
+
+    // Write-behind: the queued write reaches the store; Redis's older
+    // entry is dropped rather than left to be read.
+    let config = WriteBehind::new().flush_interval(Duration::from_millis(5));
+    let behind_a = a.entity_with(table.clone(), behind(config)).unwrap();
+    behind_a.put(&1, product("queued", 3)).await.unwrap();
+    assert_eq!(a.stats().write_fallbacks, 2);
+    assert_eq!(
+        price(behind_a.get(&1).await.unwrap()),
+        Some(3),
+        "the writer reads its queue"
+    );
+    behind_a.shutdown().await;
+    assert_eq!(stored(&table, &1).await.map(|p| p.price_cents), Some(3));
+    eventually("B reads the flushed value", || async {
+        price(through_b.get(&1).await.unwrap()) == Some(3)
+    })
+    .await;
 }
 
 /// A slow load of the old row, overtaken by a write-through put: neither

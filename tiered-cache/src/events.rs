@@ -53,8 +53,8 @@ pub(crate) enum Event {
     BackplaneGap,
     /// `stats.store_writes`.
     StoreWrite,
-    /// `stats.write_through_fallbacks`.
-    WriteThroughFallback,
+    /// `stats.write_fallbacks`.
+    WriteFallback,
     /// `stats.writes_queued`.
     WriteQueued,
     /// `stats.writes_coalesced`.
@@ -112,7 +112,7 @@ impl Stats {
             Event::InvalidationReceived => &self.invalidations_received,
             Event::BackplaneGap => &self.backplane_gaps,
             Event::StoreWrite => &self.store_writes,
-            Event::WriteThroughFallback => &self.write_through_fallbacks,
+            Event::WriteFallback => &self.write_fallbacks,
             Event::WriteQueued => &self.writes_queued,
             Event::WriteCoalesced => &self.writes_coalesced,
             Event::WriteRejectedFull => &self.writes_rejected_full,

@@ -114,9 +114,10 @@ stats! {
     /// Writes of entities that reached their store (each write of a
     /// write-behind batch counts).
     store_writes,
-    /// Write-through writes whose cache update failed (Redis down, say):
-    /// the key was invalidated everywhere instead.
-    write_through_fallbacks,
+    /// Entity writes (write-through, write-behind) that Redis did not take
+    /// (down, refusing, or the value too large): the key was invalidated
+    /// everywhere instead, so no instance keeps the older value.
+    write_fallbacks,
     /// Write-behind writes queued (coalesced ones included).
     writes_queued,
     /// Write-behind writes that replaced a waiting write of the same id.

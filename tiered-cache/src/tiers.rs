@@ -336,11 +336,14 @@ impl Tiers {
     /// finds nothing in Redis to bring back.
     pub(crate) async fn invalidate(&self, key: &str) -> Result<(), Error> {
         let deleted = match &self.l2 {
-            Some(l2) => l2
-                .invalidate(key)
-                .await
-                .map(drop)
-                .map_err(L2Fault::into_error),
+            Some(l2) => match l2.invalidate(key).await {
+                Ok(_) => Ok(()),
+                // Redis refused the script (an ACL without EVAL, say): a
+                // plain delete still takes the older value out. The version
+                // stays, but the loads it would stop write by script too.
+                Err(L2Fault::Rejected(_)) => l2.del(&[key]).await.map_err(L2Fault::into_error),
+                Err(fault) => Err(fault.into_error()),
+            },
             None => Ok(()),
         };
         if let Some(l1) = self.local() {

@@ -195,7 +195,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let s = cache.stats();
     println!(
         "\nstats: store writes {} | L1 hits {} | L2 hits {} | misses {} | loads {} | write-through fallbacks {} | dead letters {}",
-        s.store_writes, s.l1_hits, s.l2_hits, s.misses, s.loads, s.write_through_fallbacks, s.write_dead_letters
+        s.store_writes, s.l1_hits, s.l2_hits, s.misses, s.loads, s.write_fallbacks, s.write_dead_letters
     );
     Ok(())
 }

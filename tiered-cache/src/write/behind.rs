@@ -193,11 +193,18 @@ impl<E: Entity, S: Store<E>> Shared<E, S> {
                 Origin::Write,
             )
             .await?;
-        cache.announce_key(key.as_str());
         let version = match committed {
             Committed::Stored(version) => version,
-            _ => local_version(),
+            _ if !cache.has_l2() => local_version(),
+            _ => {
+                // Redis kept its older value: drop it everywhere (this
+                // handle's reads still see the queued write).
+                cache.record(Event::WriteFallback);
+                let _ = cache.invalidate(&key).await;
+                local_version()
+            }
         };
+        cache.announce_key(key.as_str());
         let mut entries = Vec::new();
         if let Some(durable) = &self.durable {
             match durable.append(id, value.as_deref(), version).await {

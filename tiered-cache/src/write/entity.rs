@@ -274,7 +274,7 @@ impl<E: Entity, S: Store<E>> EntityCache<E, S> {
             // encode: never a silent success. The others must not keep the
             // old value, so the key is invalidated everywhere instead.
             Ok(Committed::NotInRedis) | Err(_) => {
-                cache.record(Event::WriteThroughFallback);
+                cache.record(Event::WriteFallback);
                 cache.invalidate(&key).await.map_err(stale_elsewhere)
             }
         }
