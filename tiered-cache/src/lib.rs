@@ -128,6 +128,7 @@ mod refresh;
 mod stats;
 mod tags;
 mod tiers;
+mod warm;
 pub mod write;
 
 #[cfg(feature = "testkit")]
@@ -140,6 +141,7 @@ pub use error::{Error, ErrorKind, LoadError, Result};
 pub use key::Key;
 pub use options::EntryOptions;
 pub use stats::StatsSnapshot;
+pub use warm::{WarmProgress, WarmReport, Warmer};
 pub use write::{Entity, EntityCache, Store, WritePolicy};
 
 pub use global::{default_cache, install, scope};

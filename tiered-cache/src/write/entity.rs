@@ -17,7 +17,7 @@ use crate::error::{Error, ErrorKind, LoadError};
 use crate::events::Event;
 use crate::key::Key;
 use crate::options::EntryOptions;
-use crate::tiers::{Committed, Origin};
+use crate::tiers::{Committed, Origin, Reserved};
 
 /// One kind of record the application stores and caches, declared in one
 /// place: its key (name, schema version, id), how it is cached, and how
@@ -230,11 +230,8 @@ impl<E: Entity, S: Store<E>> EntityCache<E, S> {
         id: &E::Id,
         value: Option<Arc<E>>,
     ) -> Result<(), WriteError<S::Error>> {
+        let (key, _) = self.save_first(id, value.as_ref()).await?;
         let cache = &self.shared.cache;
-        let key = E::key(id);
-        let reserved = cache.reserve(key.as_str()).await;
-        self.save(id, value.as_ref(), reserved.version).await?;
-        cache.record(Event::StoreWrite);
         cache.invalidate(&key).await.map_err(stale_elsewhere)
     }
 
@@ -245,11 +242,8 @@ impl<E: Entity, S: Store<E>> EntityCache<E, S> {
         id: &E::Id,
         value: Option<Arc<E>>,
     ) -> Result<(), WriteError<S::Error>> {
+        let (key, reserved) = self.save_first(id, value.as_ref()).await?;
         let cache = &self.shared.cache;
-        let key = E::key(id);
-        let reserved = cache.reserve(key.as_str()).await;
-        self.save(id, value.as_ref(), reserved.version).await?;
-        cache.record(Event::StoreWrite);
         let Some(value) = value else {
             // A delete: the reservation dropped the entry; tell the others.
             return cache.invalidate(&key).await.map_err(stale_elsewhere);
@@ -278,6 +272,21 @@ impl<E: Entity, S: Store<E>> EntityCache<E, S> {
                 cache.invalidate(&key).await.map_err(stale_elsewhere)
             }
         }
+    }
+
+    /// Takes the write's version (dropping the entry from both tiers), then
+    /// writes the store at it: the first half of cache-aside and
+    /// write-through.
+    async fn save_first(
+        &self,
+        id: &E::Id,
+        value: Option<&Arc<E>>,
+    ) -> Result<(Key<E>, Reserved), WriteError<S::Error>> {
+        let key = E::key(id);
+        let reserved = self.shared.cache.reserve(key.as_str()).await;
+        self.save(id, value, reserved.version).await?;
+        self.shared.cache.record(Event::StoreWrite);
+        Ok((key, reserved))
     }
 
     async fn save(
