@@ -54,6 +54,13 @@ pub struct WarmReport {
 
 type Progress = Arc<dyn Fn(WarmProgress) + Send + Sync>;
 
+/// A running warm-up's count of finished keys.
+struct Tally {
+    total: u64,
+    done: AtomicU64,
+    last_log: Mutex<Instant>,
+}
+
 /// A warm-up to run, from [`TieredCache::warm`]; set it up, then
 /// [`run`](Self::run) it.
 pub struct Warmer<V, C, F> {
@@ -172,57 +179,88 @@ where
 
     /// Runs the warm-up to its end. A failing key is counted and skipped,
     /// never retried here; the others go on.
-    pub async fn run(self) -> WarmReport {
-        let total = self.keys.len() as u64;
-        let done = AtomicU64::new(0);
-        let last_log = Mutex::new(Instant::now());
-        let tick = |n: u64| {
-            let done = done.fetch_add(n, Ordering::Relaxed) + n;
-            if let Some(progress) = &self.progress {
-                progress(WarmProgress { done, total });
-            }
-            self.log(&last_log, WarmProgress { done, total });
+    ///
+    /// The future is `Send` (proven here, for every loader type), so a
+    /// service can spawn its warm-up.
+    pub fn run(self) -> impl Future<Output = WarmReport> + Send {
+        self.run_to_end()
+    }
+
+    async fn run_to_end(self) -> WarmReport {
+        // Owned by every load future, so the warm-up can be spawned.
+        let this = Arc::new(self);
+        let tally = Tally {
+            total: this.keys.len() as u64,
+            done: AtomicU64::new(0),
+            last_log: Mutex::new(Instant::now()),
         };
         let mut report = WarmReport {
-            total,
+            total: tally.total,
             ..WarmReport::default()
         };
         // Which keys are cached already: one batch read per 100 keys.
         let mut missing = Vec::new();
-        for chunk in self.keys.chunks(100) {
-            let found = self.cache.get_many(chunk).await;
-            let cached = found.iter().filter(|v| v.is_some()).count() as u64;
+        for start in (0..this.keys.len()).step_by(100) {
+            let batch: Vec<Key<V, C>> =
+                this.keys[start..(start + 100).min(this.keys.len())].to_vec();
+            let found = this.cache.get_many(&batch).await;
+            let mut cached = 0;
+            for (key, value) in batch.into_iter().zip(found) {
+                match value {
+                    Some(_) => cached += 1,
+                    None => missing.push(key),
+                }
+            }
             report.already_cached += cached;
-            missing.extend(
-                chunk
-                    .iter()
-                    .zip(&found)
-                    .filter(|(_, v)| v.is_none())
-                    .map(|(key, _)| key.clone()),
-            );
             if cached > 0 {
-                tick(cached);
+                this.tick(&tally, cached);
             }
         }
         let mut loads = stream::iter(missing)
-            .map(|key| self.load_one(key))
-            .buffer_unordered(self.concurrency);
+            .map(|key| {
+                let this = Arc::clone(&this);
+                async move { this.load_one(key).await }
+            })
+            .buffer_unordered(this.concurrency);
         while let Some(loaded) = loads.next().await {
             if loaded {
                 report.loaded += 1;
             } else {
                 report.failed += 1;
             }
-            tick(1);
+            this.tick(&tally, 1);
         }
         tracing::info!(
-            total,
+            total = report.total,
             loaded = report.loaded,
             already_cached = report.already_cached,
             failed = report.failed,
             "cache warm-up finished"
         );
         report
+    }
+
+    /// `n` more keys are done: tells the progress callback, and the log
+    /// every `log_every`.
+    fn tick(&self, tally: &Tally, n: u64) {
+        let done = tally.done.fetch_add(n, Ordering::Relaxed) + n;
+        let progress = WarmProgress {
+            done,
+            total: tally.total,
+        };
+        if let Some(report) = &self.progress {
+            report(progress);
+        }
+        let mut last = tally.last_log.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= self.log_every {
+            *last = Instant::now();
+            tracing::info!(
+                done,
+                total = tally.total,
+                "cache warm-up: {:.0}% done",
+                progress.percent()
+            );
+        }
     }
 
     /// Loads one key (after its jitter); whether it is now cached.
@@ -237,18 +275,5 @@ where
             .get_or_load(&key, &self.options, move || loader(owned))
             .await
             .is_ok()
-    }
-
-    fn log(&self, last: &Mutex<Instant>, progress: WarmProgress) {
-        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() >= self.log_every {
-            *last = Instant::now();
-            tracing::info!(
-                done = progress.done,
-                total = progress.total,
-                "cache warm-up: {:.0}% done",
-                progress.percent()
-            );
-        }
     }
 }

@@ -1,5 +1,6 @@
 //! The entity declaration and its typed handle.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -18,6 +19,15 @@ use crate::events::Event;
 use crate::key::Key;
 use crate::options::EntryOptions;
 use crate::tiers::{Committed, Origin, Reserved};
+use crate::warm::Warmer;
+
+/// One warm-up load of an entity: its value, or the store's error (`None`:
+/// the store has no such id).
+pub type WarmLoad<E, Err> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<E, Option<Err>>> + Send + 'static>>;
+
+/// The loader of an entity's warm-up ([`EntityCache::warm`]).
+pub type WarmLoader<E, Err> = Box<dyn Fn(Key<E>) -> WarmLoad<E, Err> + Send + Sync + 'static>;
 
 /// One kind of record the application stores and caches, declared in one
 /// place: its key (name, schema version, id), how it is cached, and how
@@ -310,6 +320,40 @@ impl<E: Entity, S: Store<E>> EntityCache<E, S> {
         if let Some(queue) = &self.shared.queue {
             queue.shutdown().await;
         }
+    }
+
+    /// A warm-up of `ids` from the store (see [`TieredCache::warm`]): each
+    /// id not cached yet is loaded and cached with the entity's options. An
+    /// id the store does not have counts as failed.
+    pub fn warm(
+        &self,
+        ids: impl IntoIterator<Item = E::Id>,
+    ) -> Warmer<E, Postcard, WarmLoader<E, S::Error>> {
+        let ids: HashMap<String, E::Id> = ids
+            .into_iter()
+            .map(|id| (E::key(&id).as_str().to_owned(), id))
+            .collect();
+        let keys: Vec<Key<E>> = ids.values().map(E::key).collect();
+        let ids = Arc::new(ids);
+        let store = Arc::clone(&self.shared.store);
+        let loader = move |key: Key<E>| -> WarmLoad<E, S::Error> {
+            let (ids, store) = (Arc::clone(&ids), Arc::clone(&store));
+            Box::pin(async move {
+                let Some(id) = ids.get(key.as_str()) else {
+                    return Err(None);
+                };
+                match store.load(id).await {
+                    Ok(Some(value)) => Ok(value),
+                    Ok(None) => Err(None),
+                    Err(e) => Err(Some(e)),
+                }
+            })
+        };
+        let loader: WarmLoader<E, S::Error> = Box::new(loader);
+        self.shared
+            .cache
+            .warm(keys, loader)
+            .options(self.shared.options.clone())
     }
 
     /// How many ids wait in this handle's write-behind queue.

@@ -30,7 +30,7 @@ mod store;
 
 use std::time::Duration;
 
-pub use entity::{Entity, EntityCache};
+pub use entity::{Entity, EntityCache, WarmLoad, WarmLoader};
 pub use store::Store;
 
 /// How an entity's writes reach its store and the cache; see the
