@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backplane::{Backplane, Local};
+use crate::breaker::BreakerSettings;
 use crate::cache::TieredCache;
 use crate::error::{Error, ErrorKind};
 use crate::events::LogLimit;
@@ -36,6 +37,7 @@ pub struct TieredCacheBuilder {
     backplane: bool,
     require_l2: bool,
     max_value_bytes: usize,
+    breaker: BreakerSettings,
     defaults: EntryOptions,
 }
 
@@ -51,6 +53,7 @@ impl Default for TieredCacheBuilder {
             backplane: true,
             require_l2: false,
             max_value_bytes: 1 << 20,
+            breaker: BreakerSettings::default(),
             defaults: EntryOptions::default(),
         }
     }
@@ -131,6 +134,17 @@ impl TieredCacheBuilder {
         self
     }
 
+    /// When the circuit breaker around Redis opens and how long it stays
+    /// open before it probes Redis again (see [`BreakerSettings`]). While it
+    /// is open, calls skip Redis at once; when it closes, this instance
+    /// clears its L1, as it may have missed invalidations.
+    /// Default: `BreakerSettings::default()` (5 failures in a row, or more
+    /// than half of at least 20 calls in 10 s; 1 s cool-down).
+    pub fn breaker(mut self, settings: BreakerSettings) -> Self {
+        self.breaker = settings;
+        self
+    }
+
     /// TTL of entries written without one. Default: 5 minutes.
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.defaults = self.defaults.ttl(ttl);
@@ -166,6 +180,7 @@ impl TieredCacheBuilder {
                 "the namespace must be non-empty and contain no `{` or `}`",
             ));
         }
+        self.breaker.validate()?;
         let stats = Arc::new(Stats::default());
         let l2 = match &self.redis_url {
             Some(url) => {
@@ -173,6 +188,7 @@ impl TieredCacheBuilder {
                     url: url.clone(),
                     namespace: self.namespace.clone(),
                     timeout: self.l2_timeout,
+                    breaker: self.breaker,
                 };
                 let l2 = L2::connect(&config, Arc::clone(&stats))?;
                 if let Err(fault) = l2.ping().await {
@@ -213,6 +229,20 @@ impl TieredCacheBuilder {
             }
             _ => None,
         };
+        if let Some(l2) = &l2 {
+            // See `breaker.rs` for why closing clears L1 rather than
+            // verifying entries one by one.
+            let (local, tags) = (
+                l1.clone().or_else(|| failsafe_only.clone()),
+                Arc::clone(&tags),
+            );
+            l2.breaker().on_close(Box::new(move || {
+                tags.forget_all();
+                if let Some(l1) = &local {
+                    l1.clear();
+                }
+            }));
+        }
         let tiers = Tiers {
             l1,
             l2,

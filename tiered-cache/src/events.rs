@@ -51,6 +51,19 @@ pub(crate) enum Event {
     InvalidationReceived,
     /// `stats.backplane_gaps`.
     BackplaneGap,
+    /// `stats.breaker_opened`.
+    BreakerOpened,
+    /// `stats.breaker_probes`.
+    BreakerProbe,
+    /// `stats.breaker_closed`.
+    BreakerClosed,
+}
+
+/// A value the cache sets rather than counts (each variant names its gauge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gauge {
+    /// `stats.breaker_state`.
+    BreakerState,
 }
 
 impl Stats {
@@ -88,7 +101,18 @@ impl Stats {
             Event::TagStaleDrop => &self.tag_stale_drops,
             Event::InvalidationReceived => &self.invalidations_received,
             Event::BackplaneGap => &self.backplane_gaps,
+            Event::BreakerOpened => &self.breaker_opened,
+            Event::BreakerProbe => &self.breaker_probes,
+            Event::BreakerClosed => &self.breaker_closed,
         }
+    }
+
+    /// Sets `gauge` to `value`.
+    pub(crate) fn set(&self, gauge: Gauge, value: u64) {
+        let slot = match gauge {
+            Gauge::BreakerState => &self.breaker_state,
+        };
+        slot.store(value, Relaxed);
     }
 }
 

@@ -23,7 +23,11 @@
 //! **Failure modes.** Redis down, slow or returning errors never fails a read:
 //! every Redis command has a timeout, failures are counted in
 //! [`stats`](TieredCache::stats) and logged once per incident, and the cache
-//! serves from L1 and the loader until Redis answers again. Bytes in Redis
+//! serves from L1 and the loader until Redis answers again. A circuit
+//! breaker opens after repeated failures or timeouts: calls then skip Redis
+//! at L1 speed until one probe, after a cool-down, finds it well again
+//! (see [`BreakerSettings`]); this instance then clears its L1, as it may
+//! have missed invalidations. Bytes in Redis
 //! that do not decode are a counted miss and are deleted. Connection strings
 //! are never logged.
 //!
@@ -104,6 +108,7 @@
 
 mod backplane;
 mod batch;
+mod breaker;
 mod builder;
 mod cache;
 mod codec;
@@ -125,6 +130,7 @@ mod tiers;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use breaker::BreakerSettings;
 pub use builder::TieredCacheBuilder;
 pub use cache::TieredCache;
 pub use codec::{Codec, Postcard};

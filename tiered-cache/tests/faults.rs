@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use support::{key, opts, product, server, Product};
 use tiered_cache::testkit::RedisServer;
-use tiered_cache::{Key, TieredCache};
+use tiered_cache::{BreakerSettings, Key, TieredCache};
 
 /// Where the cache in namespace `t` keeps `key` in Redis.
 fn redis_key(key: &Key<Product>) -> String {
@@ -25,10 +25,14 @@ fn redis_key(key: &Key<Product>) -> String {
 /// Longest any single cache call may take before we call it a hang.
 const HANG: Duration = Duration::from_secs(10);
 
+/// The tests that use it call the cache one call at a time, and check what
+/// each call did: the first failure opens the breaker, so the calls after
+/// it skip Redis at once (the default, 5 in a row, is tested under load).
 async fn cache_at(url: &str) -> TieredCache {
     TieredCache::builder()
         .namespace("t")
         .redis(url)
+        .breaker(BreakerSettings::default().failures(1))
         .build()
         .await
         .expect("an unreachable Redis is not fatal at build")
@@ -421,4 +425,263 @@ async fn a_set_waits_on_a_frozen_redis_at_most_one_l2_timeout() {
         Some(&product(1)),
         "kept in L1"
     );
+}
+
+/// The tasks of the load tests, as in a busy service.
+const TASKS: usize = 64;
+
+/// What a fault test may add to the L2 budget, as the measured worst call on
+/// a loaded two-core CI machine (64 tasks and Redis on the same cores).
+const SLACK: Duration = Duration::from_millis(50);
+
+/// `get_or_load` of product `id` with a loader that never fails: whatever
+/// Redis does, the caller gets the value. False (an error the caller
+/// would not get without a cache) fails the test.
+async fn read(cache: &TieredCache, id: u64, calls: &Arc<AtomicUsize>) -> bool {
+    match cache
+        .get_or_load(&key(id), &opts(), support::counting(calls, product(id)))
+        .await
+    {
+        Ok(v) => *v == product(id),
+        Err(_) => false,
+    }
+}
+
+/// 64 tasks, half their reads on 256 keys already in L1, half on keys
+/// never read before: Redis killed under
+/// them opens the breaker, no caller sees an error, and the same cache
+/// uses Redis again after the restart (the breaker's probe closes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_killed_redis_opens_the_breaker_and_the_restart_closes_it() {
+    let mut server = server();
+    let cache = support::builder_on(&server, "t")
+        .breaker(BreakerSettings::default().cool_down(Duration::from_millis(200)))
+        .build()
+        .await
+        .expect("build");
+    for id in 0..256 {
+        cache.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hammering = {
+        let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+        tokio::spawn(support::hammer(
+            TASKS,
+            Duration::from_secs(4),
+            move |task, n| {
+                let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+                // Every other call a key never read before: Redis (or the
+                // breaker) is asked all along.
+                let id = if n % 2 == 0 {
+                    n % 256
+                } else {
+                    1_000 + task as u64 * 1_000_000 + n
+                };
+                async move { read(&cache, id, &calls).await }
+            },
+        ))
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill();
+    support::until_within(Duration::from_secs(2), "the breaker opens", || {
+        cache.stats().breaker_opened >= 1
+    })
+    .await;
+    assert_ne!(cache.stats().breaker_state, 0, "{:?}", cache.stats());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart().expect("restart");
+    let restarted = Instant::now();
+    while cache.stats().breaker_closed == 0 {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "no probe closed the breaker: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "the breaker closed {:?} after the restart",
+        restarted.elapsed()
+    );
+    let seen = hammering.await.unwrap();
+    let s = cache.stats();
+    println!("killed under load: {seen:?}; {s:?}");
+    assert_eq!(seen.errors, 0, "no caller got an error");
+    assert!(s.l2_skipped > 0, "open, calls skipped Redis: {s:?}");
+    assert!(s.breaker_probes >= 1, "{s:?}");
+    l2_in_use_again(&cache, &server, "the restart under load").await;
+}
+
+/// 64 tasks on 512 keys with Redis frozen (SIGSTOP): no call waits longer
+/// than the L2 budget (plus scheduling slack), the breaker opens, and from
+/// then on calls do not touch Redis at all: hits at L1 speed, misses
+/// straight to the loader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_frozen_redis_costs_at_most_the_budget_and_then_nothing() {
+    let server = server();
+    let budget = Duration::from_millis(250);
+    let cache = support::builder_on(&server, "t")
+        .l2_timeout(budget)
+        // No probe during the test: every call after the opening skips Redis.
+        .breaker(BreakerSettings::default().cool_down(Duration::from_secs(600)))
+        .build()
+        .await
+        .expect("build");
+    for id in 0..256 {
+        cache.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reader = |cache: &TieredCache, calls: &Arc<AtomicUsize>, keys: u64| {
+        let (cache, calls) = (cache.clone(), Arc::clone(calls));
+        move |task: usize, n: u64| {
+            let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+            async move { read(&cache, (task as u64 * 31 + n) % keys, &calls).await }
+        }
+    };
+    server.pause().expect("SIGSTOP");
+    let frozen = support::hammer(TASKS, Duration::from_secs(1), reader(&cache, &calls, 512)).await;
+    let s = cache.stats();
+    println!("frozen, 64 tasks: {frozen:?} (budget {budget:?}); {s:?}");
+    assert_eq!(frozen.errors, 0);
+    assert!(
+        frozen.max <= budget + SLACK,
+        "a call waited {:?} on a frozen Redis (budget {budget:?})",
+        frozen.max
+    );
+    assert_eq!(s.breaker_opened, 1, "{s:?}");
+    assert_eq!(s.breaker_state, 1, "{s:?}");
+
+    // Open: L1 hits (keys 0..256, and what the loader put in L1) and
+    // loads never wait on Redis, and no command is sent.
+    let errors = s.l2_errors;
+    let open = support::hammer(
+        TASKS,
+        Duration::from_millis(500),
+        reader(&cache, &calls, 1024),
+    )
+    .await;
+    let s = cache.stats();
+    println!("breaker open, 64 tasks: {open:?}; {s:?}");
+    assert_eq!(open.errors, 0);
+    assert_eq!(s.l2_errors, errors, "no command went to Redis: {s:?}");
+    // A call that waited on the frozen Redis would take the whole budget.
+    assert!(
+        open.max < budget,
+        "with the breaker open a call took {:?}",
+        open.max
+    );
+    server.resume().expect("SIGCONT");
+}
+
+/// A Redis that answers, but slowly (a delaying proxy): a delay under the
+/// budget is served from Redis, and no call waits longer than the budget
+/// whatever the delay; a delay over it opens the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_stays_within_the_budget() {
+    let server = server();
+    let proxy = support::SlowProxy::start(&server).await;
+    let budget = Duration::from_millis(250);
+    let cache = TieredCache::builder()
+        .namespace("t")
+        .redis(proxy.url())
+        .l2_timeout(budget)
+        .l1_max_bytes(0) // every read goes to Redis
+        .breaker(BreakerSettings::default().cool_down(Duration::from_secs(600)))
+        .build()
+        .await
+        .expect("build");
+    for id in 0..64 {
+        cache.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+        move |task: usize, n: u64| {
+            let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+            async move { read(&cache, (task as u64 + n) % 64, &calls).await }
+        }
+    };
+    proxy.set_delay(Duration::from_millis(50));
+    let slow = support::hammer(TASKS, Duration::from_secs(1), reader.clone()).await;
+    let s = cache.stats();
+    println!("50 ms slower Redis, 64 tasks: {slow:?}; {s:?}");
+    assert_eq!(slow.errors, 0);
+    assert!(slow.max <= budget + SLACK, "{:?}", slow.max);
+    assert!(s.l2_hits > 0, "served from Redis: {s:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing was loaded: {s:?}");
+    assert_eq!(s.breaker_opened, 0, "{s:?}");
+
+    proxy.set_delay(Duration::from_millis(400));
+    let slower = support::hammer(TASKS, Duration::from_secs(1), reader).await;
+    let s = cache.stats();
+    println!("400 ms slower Redis, 64 tasks: {slower:?}; {s:?}");
+    assert_eq!(slower.errors, 0);
+    assert!(slower.max <= budget + SLACK, "{:?}", slower.max);
+    assert_eq!(s.breaker_opened, 1, "timeouts open the breaker: {s:?}");
+}
+
+/// A Redis that answers with errors (`maxmemory` full, `noeviction`): under
+/// 64 tasks, reads are served from Redis, the refused writes are counted,
+/// and the breaker stays closed: an error reply is about its command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_writes_under_load_and_the_breaker_stays_closed() {
+    let server = server();
+    let cache = TieredCache::builder()
+        .namespace("t")
+        .redis(server.url())
+        .l1_max_bytes(0)
+        .build()
+        .await
+        .expect("build");
+    for id in 0..64 {
+        cache.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let mut c = server.connection().expect("connection");
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1mb")] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query::<()>(&mut c)
+            .expect("CONFIG SET");
+    }
+    let filler = vec![b'x'; 64 * 1024];
+    let full = (0..1000).any(|n| {
+        redis::cmd("SET")
+            .arg(format!("filler:{n}"))
+            .arg(&filler)
+            .query::<()>(&mut c)
+            .is_err()
+    });
+    assert!(full, "Redis refuses writes once full");
+    let before = cache.stats();
+    let seen = {
+        let cache = cache.clone();
+        support::hammer(TASKS, Duration::from_secs(1), move |task, n| {
+            let cache = cache.clone();
+            async move {
+                let id = (task as u64 + n) % 64;
+                if n % 4 == 0 {
+                    // A write: refused by Redis, not an error to the caller.
+                    cache
+                        .set(&key(1000 + id), product(id), &opts())
+                        .await
+                        .is_ok()
+                } else {
+                    cache.get(&key(id)).await.as_deref() == Some(&product(id))
+                }
+            }
+        })
+        .await
+    };
+    let s = cache.stats();
+    println!("full Redis, 64 tasks: {seen:?}; {s:?}");
+    assert_eq!(seen.errors, 0, "every read served, every write accepted");
+    let writes = seen.calls / 4;
+    assert!(
+        s.l2_errors - before.l2_errors >= writes / 2,
+        "the refused writes are counted: {s:?}"
+    );
+    assert_eq!((s.breaker_opened, s.l2_skipped), (0, 0), "{s:?}");
+    assert!(!exists(&server, &redis_key(&key(1000))));
 }
