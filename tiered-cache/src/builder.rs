@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorKind};
 use crate::events::LogLimit;
 use crate::l1::L1;
 use crate::l2::{L2Config, RedisUrl, L2};
+use crate::limit::{LoadLimit, MAX_LOADS};
 use crate::options::EntryOptions;
 use crate::stats::Stats;
 use crate::tags::TagVersions;
@@ -38,6 +39,7 @@ pub struct TieredCacheBuilder {
     require_l2: bool,
     max_value_bytes: usize,
     breaker: BreakerSettings,
+    max_concurrent_loads: Option<usize>,
     defaults: EntryOptions,
 }
 
@@ -54,6 +56,7 @@ impl Default for TieredCacheBuilder {
             require_l2: false,
             max_value_bytes: 1 << 20,
             breaker: BreakerSettings::default(),
+            max_concurrent_loads: None,
             defaults: EntryOptions::default(),
         }
     }
@@ -145,6 +148,30 @@ impl TieredCacheBuilder {
         self
     }
 
+    /// The most loader calls this cache runs at once, over all keys
+    /// (single-flight already makes it one per key). Callers beyond it wait
+    /// in line, within their entry's hard timeout (else the
+    /// [`background_timeout`](Self::background_timeout)); a caller with a
+    /// stale value gets it at the soft timeout instead. While Redis is down
+    /// and L1 is cold, this is how many queries the database sees at most:
+    /// set it to what the database (its connection pool) can take.
+    /// At least 1. Default: no cap (the cache cannot know the pool's size).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = tiered_cache::TieredCache::builder()
+    ///     .max_concurrent_loads(16)
+    ///     .build()
+    ///     .await
+    ///     .unwrap();
+    /// # let _ = cache;
+    /// # }
+    /// ```
+    pub fn max_concurrent_loads(mut self, loads: usize) -> Self {
+        self.max_concurrent_loads = Some(loads);
+        self
+    }
+
     /// TTL of entries written without one. Default: 5 minutes.
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.defaults = self.defaults.ttl(ttl);
@@ -181,6 +208,14 @@ impl TieredCacheBuilder {
             ));
         }
         self.breaker.validate()?;
+        if let Some(loads) = self.max_concurrent_loads {
+            if loads == 0 || loads > MAX_LOADS {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("max_concurrent_loads must be at least 1 and at most {MAX_LOADS} (got {loads})"),
+                ));
+            }
+        }
         let stats = Arc::new(Stats::default());
         let l2 = match &self.redis_url {
             Some(url) => {
@@ -257,6 +292,7 @@ impl TieredCacheBuilder {
             self.defaults,
             self.background_timeout,
             backplane,
+            self.max_concurrent_loads.map(LoadLimit::new),
         ))
     }
 }

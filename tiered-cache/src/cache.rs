@@ -20,6 +20,7 @@ use crate::events;
 use crate::flight::{Flights, Join, Leader};
 use crate::key::Key;
 use crate::l1::{AnyValue, L1Entry};
+use crate::limit::LoadLimit;
 use crate::loader::{Load, Owned, Scoped};
 use crate::options::EntryOptions;
 use crate::refresh::early_refresh_due;
@@ -49,6 +50,8 @@ pub(crate) struct Inner {
     /// Tells other instances about invalidations; `None` without Redis or
     /// when turned off.
     backplane: Option<Backplane>,
+    /// The cap on concurrent loader calls, if one is set.
+    pub(crate) load_limit: Option<LoadLimit>,
 }
 
 impl TieredCache {
@@ -57,6 +60,7 @@ impl TieredCache {
         defaults: EntryOptions,
         background_timeout: Duration,
         backplane: Option<Backplane>,
+        load_limit: Option<LoadLimit>,
     ) -> Self {
         TieredCache {
             inner: Arc::new(Inner {
@@ -65,6 +69,7 @@ impl TieredCache {
                 flights: Arc::default(),
                 background_timeout,
                 backplane,
+                load_limit,
             }),
         }
     }

@@ -35,6 +35,8 @@ pub(crate) enum Event {
     StaleServed,
     /// `stats.loader_timeouts`.
     LoaderTimeout,
+    /// `stats.loads_queued`.
+    LoadQueued,
     /// `stats.decode_failures`.
     DecodeFailure,
     /// `stats.l2_errors`.
@@ -93,6 +95,7 @@ impl Stats {
             Event::StaleRefresh => &self.stale_refreshes,
             Event::StaleServed => &self.stale_served,
             Event::LoaderTimeout => &self.loader_timeouts,
+            Event::LoadQueued => &self.loads_queued,
             Event::DecodeFailure => &self.decode_failures,
             Event::L2Error => &self.l2_errors,
             Event::L2Skipped => &self.l2_skipped,

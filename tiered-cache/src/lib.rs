@@ -120,6 +120,7 @@ mod global;
 mod key;
 mod l1;
 mod l2;
+mod limit;
 mod loader;
 mod options;
 mod refresh;

@@ -89,8 +89,12 @@ stats! {
     stale_refreshes,
     /// Stale values returned because a refresh failed, timed out or was running.
     stale_served,
-    /// Loads that exceeded their soft or hard timeout.
+    /// Loads that exceeded their soft or hard timeout, or waited in line
+    /// for a load slot (`max_concurrent_loads`) longer than their bound.
     loader_timeouts,
+    /// Loads that waited in line for a slot because `max_concurrent_loads`
+    /// loads were running.
+    loads_queued,
     /// Entries in Redis that could not be decoded (treated as misses and deleted).
     decode_failures,
     /// Redis commands that failed or timed out (the cache degraded around them).

@@ -386,6 +386,7 @@ fn every_duration_in_every_option_is_handled() {
         breaker in any::<bool>(),
         failures in prop_oneof![Just(0_u32), 1..100_u32, any::<u32>()],
         rate in prop_oneof![0.0..=1.0_f64, any::<f64>()],
+        loads in prop_oneof![Just(None), Just(Some(0_usize)), (1..64_usize).prop_map(Some), any::<usize>().prop_map(Some)],
     )| {
         let n = round.fetch_add(1, Ordering::Relaxed) as u64;
         rt.block_on(async {
@@ -398,6 +399,9 @@ fn every_duration_in_every_option_is_handled() {
                         .failure_rate(rate, d[10])
                         .cool_down(d[11]),
                 );
+            }
+            if let Some(loads) = loads {
+                builder = builder.max_concurrent_loads(loads);
             }
             let built = builder
                 .namespace("durations")

@@ -685,3 +685,61 @@ async fn a_full_redis_refuses_writes_under_load_and_the_breaker_stays_closed() {
     assert_eq!((s.breaker_opened, s.l2_skipped), (0, 0), "{s:?}");
     assert!(!exists(&server, &redis_key(&key(1000))));
 }
+
+/// Bounded fallback: with the breaker open and L1 cold, 1,000 callers of
+/// 1,000 different keys all go to the loader, but never more than
+/// `max_concurrent_loads` at once; the others wait in line and all get
+/// their value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_the_database_sees_at_most_the_load_cap() {
+    const CAP: usize = 16;
+    let mut server = server();
+    let cache = support::builder_on(&server, "t")
+        .max_concurrent_loads(CAP)
+        .breaker(
+            BreakerSettings::default()
+                .failures(1)
+                .cool_down(Duration::from_secs(600)),
+        )
+        .build()
+        .await
+        .expect("build");
+    server.kill();
+    while cache.stats().breaker_state != 1 {
+        // Opens the breaker (a miss of a key the test never reads again).
+        let _ = cache.get(&key(1_000_000)).await;
+    }
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..1_000)
+        .map(|id| {
+            let (cache, running, most) = (cache.clone(), Arc::clone(&running), Arc::clone(&most));
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(&key(id), &opts(), move || async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, std::io::Error>(product(id))
+                    })
+                    .await
+                    .map(|v| *v == product(id))
+            })
+        })
+        .collect();
+    for caller in callers {
+        assert!(caller.await.unwrap().expect("no caller fails"));
+    }
+    let s = cache.stats();
+    let most = most.load(Ordering::SeqCst);
+    println!("1,000 loads with Redis down, cap {CAP}: at most {most} at once; {s:?}");
+    assert!(most <= CAP, "{most} loads ran at once (cap {CAP})");
+    assert_eq!(
+        most, CAP,
+        "the cap is reached: the loads did run side by side"
+    );
+    assert_eq!(s.loads, 1_000, "{s:?}");
+    assert!(s.loads_queued > 0, "{s:?}");
+    assert_eq!(s.breaker_state, 1, "{s:?}");
+}
