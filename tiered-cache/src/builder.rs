@@ -9,6 +9,7 @@ use crate::breaker::BreakerSettings;
 use crate::cache::TieredCache;
 use crate::error::{Error, ErrorKind};
 use crate::events::LogLimit;
+use crate::fleet::FleetWaits;
 use crate::l1::L1;
 use crate::l2::{L2Config, RedisUrl, L2};
 use crate::limit::{LoadLimit, MAX_LOADS};
@@ -246,6 +247,7 @@ impl TieredCacheBuilder {
         // Without Redis there is no other instance: what this one knows of
         // tag versions is all there is. With Redis, the backplane vouches.
         let tags = Arc::new(TagVersions::new(l2.is_none()));
+        let fleet_waits = Arc::new(FleetWaits::default());
         let backplane = match &l2 {
             Some(l2) if self.backplane => {
                 let local = Local {
@@ -253,6 +255,7 @@ impl TieredCacheBuilder {
                     l1: l1.clone().or_else(|| failsafe_only.clone()),
                     tags: Arc::clone(&tags),
                     stats: Arc::clone(&stats),
+                    fleet_waits: Arc::clone(&fleet_waits),
                 };
                 // Subscribed before first use, unless the ping above failed.
                 let wait = if stats.l2_errors.get() == 0 {
@@ -293,6 +296,7 @@ impl TieredCacheBuilder {
             self.background_timeout,
             backplane,
             self.max_concurrent_loads.map(LoadLimit::new),
+            fleet_waits,
         ))
     }
 }

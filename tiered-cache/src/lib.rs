@@ -13,7 +13,14 @@
 //! shortly before they expire (XFetch, probabilistic early refresh), so no
 //! caller waits on the loader. An entry can have a `stale` grace window:
 //! after expiry it is served while one refresh runs, and served again when
-//! the loader fails or exceeds its soft timeout (fail-safe).
+//! the loader fails or exceeds its soft timeout (fail-safe). With
+//! [`fleet_lock`](EntryOptions::fleet_lock) an entry is loaded once across
+//! every instance, not once per instance: a lock in Redis beside the entry,
+//! with a lease, and the others wait for its value (bounded; they load
+//! themselves if the holder goes away or Redis fails).
+//! [`max_concurrent_loads`](TieredCacheBuilder::max_concurrent_loads) caps
+//! the loads of all keys at once, which is what the database sees while
+//! Redis is down and L1 is cold.
 //!
 //! **Correct keys.** A [`Key<V>`](Key) names an entity, a schema version and
 //! arguments, and can only yield a `V`. Its encoding is injective, so two
@@ -115,6 +122,7 @@ mod codec;
 mod entry;
 mod error;
 mod events;
+mod fleet;
 mod flight;
 mod global;
 mod key;

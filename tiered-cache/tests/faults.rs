@@ -22,6 +22,15 @@ fn redis_key(key: &Key<Product>) -> String {
     support::redis_key("t", key)
 }
 
+/// The tests of this file run one at a time: several measure their slowest
+/// call (64 tasks on two cores), which another test's 64 tasks on the same
+/// cores would make meaningless.
+static ONE_TEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn alone() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE_TEST_AT_A_TIME.lock().await
+}
+
 /// Longest any single cache call may take before we call it a hang.
 const HANG: Duration = Duration::from_secs(10);
 
@@ -98,6 +107,7 @@ fn closed_port() -> u16 {
 
 #[tokio::test]
 async fn a_killed_redis_degrades_to_l1_and_the_loader_then_comes_back() {
+    let _alone = alone().await;
     let mut server = server();
     let cache = cache_at(&server.url()).await;
     let calls = Arc::new(AtomicUsize::new(0));
@@ -140,6 +150,7 @@ async fn a_killed_redis_degrades_to_l1_and_the_loader_then_comes_back() {
 
 #[tokio::test]
 async fn a_frozen_redis_costs_at_most_the_l2_timeout() {
+    let _alone = alone().await;
     let server = server();
     let cache = cache_at(&server.url()).await;
     let calls = Arc::new(AtomicUsize::new(0));
@@ -178,6 +189,7 @@ async fn a_frozen_redis_costs_at_most_the_l2_timeout() {
 
 #[tokio::test]
 async fn an_unreachable_redis_at_build_is_not_fatal() {
+    let _alone = alone().await;
     let url = format!("redis://127.0.0.1:{}", closed_port());
     let started = Instant::now();
     let cache = tokio::time::timeout(HANG, cache_at(&url))
@@ -216,6 +228,7 @@ fn error_chain_text(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[tokio::test]
 async fn a_password_in_the_url_never_shows() {
+    let _alone = alone().await;
     let port = closed_port();
     for url in [
         format!("redis://:secret@127.0.0.1:{port}"),
@@ -260,6 +273,7 @@ async fn a_password_in_the_url_never_shows() {
 /// backplane is degraded (as with `backplane(false)`), not the tier.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_publish_is_not_an_outage() {
+    let _alone = alone().await;
     let server =
         RedisServer::start_with(&["--user", "app", "on", ">pw", "~*", "resetchannels", "+@all"])
             .expect("redis-server");
@@ -294,6 +308,7 @@ async fn a_refused_publish_is_not_an_outage() {
 /// of them sent to Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_writes_do_not_stop_reads() {
+    let _alone = alone().await;
     let server = server();
     let cache = TieredCache::builder()
         .namespace("t")
@@ -331,6 +346,7 @@ async fn refused_writes_do_not_stop_reads() {
 /// a second load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_waits_on_redis_at_most_one_l2_timeout_in_all() {
+    let _alone = alone().await;
     let server = server();
     let cache = TieredCache::builder()
         .namespace("t")
@@ -397,6 +413,7 @@ impl RedisPause {
 /// read and another for the write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_waits_on_a_frozen_redis_at_most_one_l2_timeout() {
+    let _alone = alone().await;
     let server = server();
     let timeout = Duration::from_millis(400);
     let cache = TieredCache::builder()
@@ -453,6 +470,7 @@ async fn read(cache: &TieredCache, id: u64, calls: &Arc<AtomicUsize>) -> bool {
 /// uses Redis again after the restart (the breaker's probe closes it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_a_killed_redis_opens_the_breaker_and_the_restart_closes_it() {
+    let _alone = alone().await;
     let mut server = server();
     let cache = support::builder_on(&server, "t")
         .breaker(BreakerSettings::default().cool_down(Duration::from_millis(200)))
@@ -482,14 +500,16 @@ async fn under_load_a_killed_redis_opens_the_breaker_and_the_restart_closes_it()
         ))
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    server.kill();
+    // Off the runtime's workers: a blocked worker would stall the tasks
+    // queued on it, and the test would measure itself.
+    tokio::task::block_in_place(|| server.kill());
     support::until_within(Duration::from_secs(2), "the breaker opens", || {
         cache.stats().breaker_opened >= 1
     })
     .await;
     assert_ne!(cache.stats().breaker_state, 0, "{:?}", cache.stats());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    server.restart().expect("restart");
+    tokio::task::block_in_place(|| server.restart()).expect("restart");
     let restarted = Instant::now();
     while cache.stats().breaker_closed == 0 {
         assert!(
@@ -518,6 +538,7 @@ async fn under_load_a_killed_redis_opens_the_breaker_and_the_restart_closes_it()
 /// straight to the loader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_a_frozen_redis_costs_at_most_the_budget_and_then_nothing() {
+    let _alone = alone().await;
     let server = server();
     let budget = Duration::from_millis(250);
     let cache = support::builder_on(&server, "t")
@@ -578,6 +599,7 @@ async fn under_load_a_frozen_redis_costs_at_most_the_budget_and_then_nothing() {
 /// whatever the delay; a delay over it opens the breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_stays_within_the_budget() {
+    let _alone = alone().await;
     let server = server();
     let proxy = support::SlowProxy::start(&server).await;
     let budget = Duration::from_millis(250);
@@ -625,6 +647,7 @@ async fn a_slow_redis_stays_within_the_budget() {
 /// and the breaker stays closed: an error reply is about its command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_redis_refuses_writes_under_load_and_the_breaker_stays_closed() {
+    let _alone = alone().await;
     let server = server();
     let cache = TieredCache::builder()
         .namespace("t")
@@ -692,6 +715,7 @@ async fn a_full_redis_refuses_writes_under_load_and_the_breaker_stays_closed() {
 /// their value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_the_database_sees_at_most_the_load_cap() {
+    let _alone = alone().await;
     const CAP: usize = 16;
     let mut server = server();
     let cache = support::builder_on(&server, "t")

@@ -19,6 +19,7 @@ use crate::events::Event;
 use crate::stats::Stats;
 
 pub(crate) mod budget;
+mod lock;
 mod pubsub;
 
 pub(crate) use pubsub::{Health, Messages};
