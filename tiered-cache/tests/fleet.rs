@@ -291,3 +291,30 @@ async fn with_redis_down_a_fleet_lock_is_a_local_load() {
     }
     assert_eq!(loads.load(SeqCst), 1, "then L1");
 }
+
+static RATE_LOADS: AtomicUsize = AtomicUsize::new(0);
+
+/// The macro's `fleet_lock` argument: the body runs once for the fleet.
+#[tiered_cache::cached(ttl = "5m", fleet_lock = "2s", cache = cache)]
+async fn rate(cache: &TieredCache, day: u32) -> u64 {
+    RATE_LOADS.fetch_add(1, SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    u64::from(day) * 10
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_function_with_fleet_lock_runs_once_for_the_fleet() {
+    let server = server();
+    let caches = instances(&server).await;
+    let mut callers = Vec::new();
+    for cache in &caches {
+        for _ in 0..50 {
+            let cache = cache.clone();
+            callers.push(tokio::spawn(async move { rate(&cache, 4).await }));
+        }
+    }
+    for caller in callers {
+        assert_eq!(caller.await.unwrap(), 40);
+    }
+    assert_eq!(RATE_LOADS.load(SeqCst), 1, "one body run for 4 instances");
+}
