@@ -318,3 +318,58 @@ async fn a_cached_function_with_fleet_lock_runs_once_for_the_fleet() {
     }
     assert_eq!(RATE_LOADS.load(SeqCst), 1, "one body run for 4 instances");
 }
+
+/// An expired entry inside its stale window: the instance that takes the
+/// lock refreshes it in the background, and another instance's caller is
+/// served the stale value at once instead of waiting or loading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_another_instance_refreshes_the_stale_value_is_served() {
+    let server = server();
+    let caches = instances(&server).await;
+    let (a, b) = (&caches[0], &caches[1]);
+    let opts = EntryOptions::new(Duration::from_millis(200))
+        .stale(Duration::from_secs(3600))
+        .fleet_lock(LEASE);
+    let key: Item = item(11);
+    a.set(&key, "old".to_owned(), &opts).await.expect("set");
+    tokio::time::sleep(Duration::from_millis(300)).await; // expired, still stale-servable
+    let loads = Arc::new(AtomicUsize::new(0));
+    let refresh = |value: &'static str| {
+        let loads = Arc::clone(&loads);
+        move || async move {
+            loads.fetch_add(1, SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, std::io::Error>(value.to_owned())
+        }
+    };
+    let got = a
+        .get_or_load(&key, &opts, refresh("new"))
+        .await
+        .expect("stale");
+    assert_eq!(*got, "old", "stale-while-revalidate on the holder");
+    support::until("a's refresh holds the lock", || {
+        support::exists(&server, "fleet:{item:v1:11}#lock")
+    })
+    .await;
+    let started = Instant::now();
+    let got = b
+        .get_or_load(&key, &opts, refresh("b's"))
+        .await
+        .expect("stale");
+    println!("b served the stale value in {:?}", started.elapsed());
+    assert_eq!(*got, "old");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "b did not wait for a's load"
+    );
+    support::until("a's refresh is stored", || {
+        loads.load(SeqCst) == 1 && !support::exists(&server, "fleet:{item:v1:11}#lock")
+    })
+    .await;
+    let got = b
+        .get_or_load(&key, &opts, refresh("b's"))
+        .await
+        .expect("fresh");
+    assert_eq!(*got, "new", "b reads a's refresh from Redis");
+    assert_eq!(loads.load(SeqCst), 1, "b never loaded");
+}
