@@ -37,6 +37,8 @@ pub(crate) struct Args {
     pub(crate) timeout: Option<Arg<Value<Duration>>>,
     /// The XFetch beta; `false` is the literal `0.0`.
     pub(crate) early_refresh: Option<Arg<Value<f64>>>,
+    /// The fleet lock's lease.
+    pub(crate) fleet_lock: Option<Arg<Value<Duration>>>,
     /// `None` for `key_fn = false` (no companion).
     pub(crate) key_fn: Option<Arg<Option<Ident>>>,
     pub(crate) krate: Option<Arg<Path>>,
@@ -63,6 +65,9 @@ const ARGUMENTS: &[(&str, Setter)] = &[
     }),
     ("early_refresh", |a, kw, v| {
         put(&mut a.early_refresh, early_refresh(v), kw)
+    }),
+    ("fleet_lock", |a, kw, v| {
+        put(&mut a.fleet_lock, duration(&kw, v), kw)
     }),
     ("key_fn", |a, kw, v| put(&mut a.key_fn, key_fn(v), kw)),
     ("crate", |a, kw, v| put(&mut a.krate, krate(v), kw)),
@@ -515,6 +520,7 @@ mod tests {
             negative_ttl = "30s",
             timeout = Duration::from_millis(250),
             early_refresh = 1.0,
+            fleet_lock = "5s",
             key_fn = product_key,
             crate = ::my::tiered_cache,
         ))
@@ -527,6 +533,7 @@ mod tests {
         assert_eq!(literal(&args.negative_ttl), Some(Duration::from_secs(30)));
         assert_eq!(literal(&args.timeout), None);
         assert_eq!(literal(&args.early_refresh), Some(1.0));
+        assert_eq!(literal(&args.fleet_lock), Some(Duration::from_secs(5)));
         let tags = &args.tags.as_ref().unwrap().value;
         assert!(matches!(&tags[0], Value::Literal(t) if t.constant().is_some()));
         assert!(matches!(&tags[1], Value::Literal(t) if t.constant().is_none()));
@@ -565,7 +572,7 @@ mod tests {
             errors[0],
             "unknown argument `tll` (did you mean `ttl`?); expected one of: `key`, `ttl`, `tags`, \
              `version`, `name`, `cache`, `skip`, `stale`, `negative_ttl`, `timeout`, \
-             `early_refresh`, `key_fn`, `crate`"
+             `early_refresh`, `fleet_lock`, `key_fn`, `crate`"
         );
         assert!(errors[1].starts_with("invalid duration \"5 parsecs\" for `ttl`"));
         let e = err(quote!(expiry_policy = lru));

@@ -113,6 +113,7 @@ impl Gen<'_> {
             ("stale", &a.stale),
             ("negative_ttl", &a.negative_ttl),
             ("soft_timeout", &a.timeout),
+            ("fleet_lock", &a.fleet_lock),
         ];
         for (method, d) in durations {
             steps.extend(d.as_ref().map(|d| match &d.value {

@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 
 use crate::events;
 use crate::events::LogLimit;
+use crate::fleet::FleetWaits;
 use crate::l1::L1;
 use crate::l2::{Health, L2Fault, Messages, L2};
 use crate::stats::Stats;
@@ -88,6 +89,8 @@ pub(crate) struct Local {
     pub(crate) l1: Option<L1>,
     pub(crate) tags: Arc<TagVersions>,
     pub(crate) stats: Arc<Stats>,
+    /// Woken when a key is announced: a fleet-locked load may have stored it.
+    pub(crate) fleet_waits: Arc<FleetWaits>,
 }
 
 /// A running backplane; dropping it stops the subscriber, and the publisher
@@ -376,6 +379,7 @@ impl Local {
                 if let Some(l1) = &self.l1 {
                     l1.invalidate(&key).await;
                 }
+                self.fleet_waits.wake(&key);
             }
             Event::Tag(tag, version) => {
                 if let Some(version) = version {

@@ -5,11 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backplane::{Backplane, Local};
+use crate::breaker::BreakerSettings;
 use crate::cache::TieredCache;
 use crate::error::{Error, ErrorKind};
 use crate::events::LogLimit;
+use crate::fleet::FleetWaits;
 use crate::l1::L1;
 use crate::l2::{L2Config, RedisUrl, L2};
+use crate::limit::{LoadLimit, MAX_LOADS};
 use crate::options::EntryOptions;
 use crate::stats::Stats;
 use crate::tags::TagVersions;
@@ -36,6 +39,8 @@ pub struct TieredCacheBuilder {
     backplane: bool,
     require_l2: bool,
     max_value_bytes: usize,
+    breaker: BreakerSettings,
+    max_concurrent_loads: Option<usize>,
     defaults: EntryOptions,
 }
 
@@ -51,6 +56,8 @@ impl Default for TieredCacheBuilder {
             backplane: true,
             require_l2: false,
             max_value_bytes: 1 << 20,
+            breaker: BreakerSettings::default(),
+            max_concurrent_loads: None,
             defaults: EntryOptions::default(),
         }
     }
@@ -131,6 +138,41 @@ impl TieredCacheBuilder {
         self
     }
 
+    /// When the circuit breaker around Redis opens and how long it stays
+    /// open before it probes Redis again (see [`BreakerSettings`]). While it
+    /// is open, calls skip Redis at once; when it closes, this instance
+    /// clears its L1, as it may have missed invalidations.
+    /// Default: `BreakerSettings::default()` (5 failures in a row, or more
+    /// than half of at least 20 calls in 10 s; 1 s cool-down).
+    pub fn breaker(mut self, settings: BreakerSettings) -> Self {
+        self.breaker = settings;
+        self
+    }
+
+    /// The most loader calls this cache runs at once, over all keys
+    /// (single-flight already makes it one per key). Callers beyond it wait
+    /// in line, within their entry's hard timeout (else the
+    /// [`background_timeout`](Self::background_timeout)); a caller with a
+    /// stale value gets it at the soft timeout instead. While Redis is down
+    /// and L1 is cold, this is how many queries the database sees at most:
+    /// set it to what the database (its connection pool) can take.
+    /// At least 1. Default: no cap (the cache cannot know the pool's size).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = tiered_cache::TieredCache::builder()
+    ///     .max_concurrent_loads(16)
+    ///     .build()
+    ///     .await
+    ///     .unwrap();
+    /// # let _ = cache;
+    /// # }
+    /// ```
+    pub fn max_concurrent_loads(mut self, loads: usize) -> Self {
+        self.max_concurrent_loads = Some(loads);
+        self
+    }
+
     /// TTL of entries written without one. Default: 5 minutes.
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.defaults = self.defaults.ttl(ttl);
@@ -166,6 +208,15 @@ impl TieredCacheBuilder {
                 "the namespace must be non-empty and contain no `{` or `}`",
             ));
         }
+        self.breaker.validate()?;
+        if let Some(loads) = self.max_concurrent_loads {
+            if loads == 0 || loads > MAX_LOADS {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("max_concurrent_loads must be at least 1 and at most {MAX_LOADS} (got {loads})"),
+                ));
+            }
+        }
         let stats = Arc::new(Stats::default());
         let l2 = match &self.redis_url {
             Some(url) => {
@@ -173,6 +224,7 @@ impl TieredCacheBuilder {
                     url: url.clone(),
                     namespace: self.namespace.clone(),
                     timeout: self.l2_timeout,
+                    breaker: self.breaker,
                 };
                 let l2 = L2::connect(&config, Arc::clone(&stats))?;
                 if let Err(fault) = l2.ping().await {
@@ -195,6 +247,7 @@ impl TieredCacheBuilder {
         // Without Redis there is no other instance: what this one knows of
         // tag versions is all there is. With Redis, the backplane vouches.
         let tags = Arc::new(TagVersions::new(l2.is_none()));
+        let fleet_waits = Arc::new(FleetWaits::default());
         let backplane = match &l2 {
             Some(l2) if self.backplane => {
                 let local = Local {
@@ -202,6 +255,7 @@ impl TieredCacheBuilder {
                     l1: l1.clone().or_else(|| failsafe_only.clone()),
                     tags: Arc::clone(&tags),
                     stats: Arc::clone(&stats),
+                    fleet_waits: Arc::clone(&fleet_waits),
                 };
                 // Subscribed before first use, unless the ping above failed.
                 let wait = if stats.l2_errors.get() == 0 {
@@ -213,6 +267,20 @@ impl TieredCacheBuilder {
             }
             _ => None,
         };
+        if let Some(l2) = &l2 {
+            // See `breaker.rs` for why closing clears L1 rather than
+            // verifying entries one by one.
+            let (local, tags) = (
+                l1.clone().or_else(|| failsafe_only.clone()),
+                Arc::clone(&tags),
+            );
+            l2.breaker().on_close(Box::new(move || {
+                tags.forget_all();
+                if let Some(l1) = &local {
+                    l1.clear();
+                }
+            }));
+        }
         let tiers = Tiers {
             l1,
             l2,
@@ -227,6 +295,8 @@ impl TieredCacheBuilder {
             self.defaults,
             self.background_timeout,
             backplane,
+            self.max_concurrent_loads.map(LoadLimit::new),
+            fleet_waits,
         ))
     }
 }

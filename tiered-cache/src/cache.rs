@@ -17,9 +17,11 @@ use crate::builder::TieredCacheBuilder;
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, LoadError};
 use crate::events;
+use crate::fleet::{FleetWaits, Turn};
 use crate::flight::{Flights, Join, Leader};
 use crate::key::Key;
 use crate::l1::{AnyValue, L1Entry};
+use crate::limit::LoadLimit;
 use crate::loader::{Load, Owned, Scoped};
 use crate::options::EntryOptions;
 use crate::refresh::early_refresh_due;
@@ -49,6 +51,10 @@ pub(crate) struct Inner {
     /// Tells other instances about invalidations; `None` without Redis or
     /// when turned off.
     backplane: Option<Backplane>,
+    /// The cap on concurrent loader calls, if one is set.
+    pub(crate) load_limit: Option<LoadLimit>,
+    /// Loads of other instances this one waits on (fleet lock).
+    pub(crate) fleet_waits: Arc<FleetWaits>,
 }
 
 impl TieredCache {
@@ -57,6 +63,8 @@ impl TieredCache {
         defaults: EntryOptions,
         background_timeout: Duration,
         backplane: Option<Backplane>,
+        load_limit: Option<LoadLimit>,
+        fleet_waits: Arc<FleetWaits>,
     ) -> Self {
         TieredCache {
             inner: Arc::new(Inner {
@@ -65,6 +73,8 @@ impl TieredCache {
                 flights: Arc::default(),
                 background_timeout,
                 backplane,
+                load_limit,
+                fleet_waits,
             }),
         }
     }
@@ -297,7 +307,7 @@ impl TieredCache {
     }
 
     /// Tells the other instances, after this one's Redis write.
-    fn announce(&self, event: Event) {
+    pub(crate) fn announce(&self, event: Event) {
         if let Some(backplane) = &self.inner.backplane {
             backplane.publish(event);
         }
@@ -454,7 +464,7 @@ impl TieredCache {
                 }
             }
             // 2. One caller per key goes on to Redis and the loader.
-            let leader = match self.inner.flights.join::<Outcome<V, E>>(key) {
+            let mut leader = match self.inner.flights.join::<Outcome<V, E>>(key) {
                 Join::Leader(leader) => leader,
                 Join::Waiter(waiter) => {
                     if !coalesced {
@@ -478,7 +488,37 @@ impl TieredCache {
             // claim, taken before, lets the load store only if nobody wrote
             // or dropped the key in the meantime.
             let tiers = &self.inner.tiers;
-            let (found, claim) = tiers.within_budget(tiers.read_claimed::<V, C>(key)).await;
+            let (mut found, mut claim) = tiers.within_budget(tiers.read_claimed::<V, C>(key)).await;
+            // With a fleet lock: one instance loads, the others wait for its value.
+            if let Some(lease) = options.fleet_lease(&self.inner.defaults) {
+                if loader.is_some() && found.as_ref().is_none_or(|e| !e.is_fresh(Instant::now())) {
+                    // A value to serve while another instance loads.
+                    let stale = fallback.clone().or_else(|| {
+                        found
+                            .clone()
+                            .filter(|e| matches!(typed::<V>(e), Some(Some(_))))
+                    });
+                    match self
+                        .fleet_turn::<V, C>(key, lease, claim, stale.is_some(), options)
+                        .await
+                    {
+                        Turn::Load(lock, fleet_claim) => {
+                            claim = fleet_claim;
+                            if let Some(lock) = lock {
+                                leader.hold(lock);
+                            }
+                        }
+                        Turn::Found(entry) => found = Some(entry),
+                        Turn::Stale => {
+                            if let Some(stale) = stale {
+                                let outcome = self.stale_outcome::<V, E>(&stale);
+                                leader.finish::<Outcome<V, E>>(outcome.clone());
+                                return outcome;
+                            }
+                        }
+                    }
+                }
+            }
             if let Some(entry) = found {
                 match self.serve::<V, C, E, L>(key, options, &entry, negatives, &mut loader) {
                     // This caller already leads the key, so no refresh starts here.

@@ -35,6 +35,8 @@ pub(crate) enum Event {
     StaleServed,
     /// `stats.loader_timeouts`.
     LoaderTimeout,
+    /// `stats.loads_queued`.
+    LoadQueued,
     /// `stats.decode_failures`.
     DecodeFailure,
     /// `stats.l2_errors`.
@@ -69,6 +71,19 @@ pub(crate) enum Event {
     WriteRetry,
     /// `stats.write_dead_letters`.
     WriteDeadLetter,
+    /// `stats.breaker_opened`.
+    BreakerOpened,
+    /// `stats.breaker_probes`.
+    BreakerProbe,
+    /// `stats.breaker_closed`.
+    BreakerClosed,
+}
+
+/// A value the cache sets rather than counts (each variant names its gauge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gauge {
+    /// `stats.breaker_state`.
+    BreakerState,
 }
 
 impl Stats {
@@ -103,6 +118,7 @@ impl Stats {
             Event::StaleRefresh => &self.stale_refreshes,
             Event::StaleServed => &self.stale_served,
             Event::LoaderTimeout => &self.loader_timeouts,
+            Event::LoadQueued => &self.loads_queued,
             Event::DecodeFailure => &self.decode_failures,
             Event::L2Error => &self.l2_errors,
             Event::L2Skipped => &self.l2_skipped,
@@ -120,7 +136,18 @@ impl Stats {
             Event::WriteFlush => &self.write_flushes,
             Event::WriteRetry => &self.write_retries,
             Event::WriteDeadLetter => &self.write_dead_letters,
+            Event::BreakerOpened => &self.breaker_opened,
+            Event::BreakerProbe => &self.breaker_probes,
+            Event::BreakerClosed => &self.breaker_closed,
         }
+    }
+
+    /// Sets `gauge` to `value`.
+    pub(crate) fn set(&self, gauge: Gauge, value: u64) {
+        let slot = match gauge {
+            Gauge::BreakerState => &self.breaker_state,
+        };
+        slot.store(value, Relaxed);
     }
 }
 

@@ -48,6 +48,9 @@ pub(crate) struct Leader {
     key: FlightKey,
     id: u64,
     tx: watch::Sender<Option<Shared>>,
+    /// What lives exactly as long as the load, its store included (a fleet
+    /// lock): dropped with the leader, after the flight is removed.
+    held: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
 /// Held by a caller waiting on someone else's load.
@@ -74,6 +77,7 @@ impl Flights {
             key,
             id,
             tx,
+            held: None,
         })
     }
 
@@ -103,6 +107,11 @@ impl Flights {
 }
 
 impl Leader {
+    /// Keeps `guard` until the load ends (the leader is dropped or finishes).
+    pub(crate) fn hold(&mut self, guard: Box<dyn std::fmt::Debug + Send + Sync>) {
+        self.held = Some(guard);
+    }
+
     /// A waiter on this leader's own flight (for a caller that hands the
     /// load to a background task and waits with a timeout).
     pub(crate) fn subscribe(&self) -> Waiter {
@@ -119,9 +128,11 @@ impl Leader {
     }
 
     /// Publishes the result to every waiter and ends the flight.
-    pub(crate) fn finish<T: Send + Sync + 'static>(self, result: T) {
+    pub(crate) fn finish<T: Send + Sync + 'static>(mut self, result: T) {
         self.flights.remove_if_ours(&self.key, self.id);
         self.tx.send_replace(Some(Arc::new(result)));
+        // The result is out: what the load held (a fleet lock) goes now.
+        drop(self.held.take());
     }
 }
 

@@ -13,7 +13,14 @@
 //! shortly before they expire (XFetch, probabilistic early refresh), so no
 //! caller waits on the loader. An entry can have a `stale` grace window:
 //! after expiry it is served while one refresh runs, and served again when
-//! the loader fails or exceeds its soft timeout (fail-safe).
+//! the loader fails or exceeds its soft timeout (fail-safe). With
+//! [`fleet_lock`](EntryOptions::fleet_lock) an entry is loaded once across
+//! every instance, not once per instance: a lock in Redis beside the entry,
+//! with a lease, and the others wait for its value (bounded; they load
+//! themselves if the holder goes away or Redis fails).
+//! [`max_concurrent_loads`](TieredCacheBuilder::max_concurrent_loads) caps
+//! the loads of all keys at once, which is what the database sees while
+//! Redis is down and L1 is cold.
 //!
 //! **Correct keys.** A [`Key<V>`](Key) names an entity, a schema version and
 //! arguments, and can only yield a `V`. Its encoding is injective, so two
@@ -23,7 +30,11 @@
 //! **Failure modes.** Redis down, slow or returning errors never fails a read:
 //! every Redis command has a timeout, failures are counted in
 //! [`stats`](TieredCache::stats) and logged once per incident, and the cache
-//! serves from L1 and the loader until Redis answers again. Bytes in Redis
+//! serves from L1 and the loader until Redis answers again. A circuit
+//! breaker opens after repeated failures or timeouts: calls then skip Redis
+//! at L1 speed until one probe, after a cool-down, finds it well again
+//! (see [`BreakerSettings`]); this instance then clears its L1, as it may
+//! have missed invalidations. Bytes in Redis
 //! that do not decode are a counted miss and are deleted. Connection strings
 //! are never logged.
 //!
@@ -111,17 +122,20 @@
 
 mod backplane;
 mod batch;
+mod breaker;
 mod builder;
 mod cache;
 mod codec;
 mod entry;
 mod error;
 mod events;
+mod fleet;
 mod flight;
 mod global;
 mod key;
 mod l1;
 mod l2;
+mod limit;
 mod loader;
 mod options;
 mod refresh;
@@ -134,6 +148,7 @@ pub mod write;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use breaker::BreakerSettings;
 pub use builder::TieredCacheBuilder;
 pub use cache::TieredCache;
 pub use codec::{Codec, Postcard};

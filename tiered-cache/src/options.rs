@@ -26,6 +26,7 @@ pub struct EntryOptions {
     early_refresh: Option<f64>,
     jitter: Option<Duration>,
     failsafe_throttle: Option<Duration>,
+    fleet_lease: Option<Duration>,
 }
 
 impl EntryOptions {
@@ -121,6 +122,33 @@ impl EntryOptions {
         self
     }
 
+    /// Loads this entry once across the whole fleet, not once per instance:
+    /// the instance that loads holds a lock in Redis (beside the entry,
+    /// same Cluster slot) for `lease`, renewed every third of it while its
+    /// loader runs, and released when the value is stored. Instances that
+    /// find the lock taken wait for the value (woken by the backplane,
+    /// checking Redis every third of the lease too) and serve it; they
+    /// load themselves when the holder gave up or died (its lease ran
+    /// out), when Redis fails or the breaker is open, and when their wait
+    /// passes the entry's hard timeout (else the cache's background
+    /// timeout). A caller holding a stale value is served it at once.
+    /// The lease is how long a holder that died holds the others up:
+    /// a little more than the loader's usual time, a few seconds typically
+    /// (kept between 100 ms and a day). Default: off (one load per
+    /// instance).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tiered_cache::EntryOptions;
+    /// let opts = EntryOptions::new(Duration::from_secs(600)).fleet_lock(Duration::from_secs(5));
+    /// # let _ = opts;
+    /// ```
+    #[must_use]
+    pub fn fleet_lock(mut self, lease: Duration) -> Self {
+        self.fleet_lease = Some(lease);
+        self
+    }
+
     /// These options with every unset field taken from `defaults`, and the
     /// library's defaults for what neither sets.
     pub(crate) fn resolve(&self, defaults: &EntryOptions) -> Resolved {
@@ -152,6 +180,13 @@ impl EntryOptions {
             .max(0.0)
     }
 
+    /// The fleet lock's lease, if the entry uses one, within its bounds.
+    pub(crate) fn fleet_lease(&self, defaults: &EntryOptions) -> Option<Duration> {
+        self.fleet_lease
+            .or(defaults.fleet_lease)
+            .map(|lease| lease.clamp(MIN_LEASE, MAX_LEASE))
+    }
+
     /// The soft timeout without resolving the rest.
     pub(crate) fn soft_timeout_or_default(&self, defaults: &EntryOptions) -> Duration {
         self.soft_timeout
@@ -161,6 +196,10 @@ impl EntryOptions {
 }
 
 const DEFAULT_TTL: Duration = Duration::from_secs(300);
+
+/// Bounds of a fleet lock's lease: renewals every third of it stay sane.
+const MIN_LEASE: Duration = Duration::from_millis(100);
+const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
 
 /// Options with every field decided.
 #[derive(Debug, Clone)]

@@ -24,7 +24,7 @@ use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, LoadError};
 use crate::events::Event;
 use crate::flight::{Leader, Waiter};
-use crate::l1::{AnyValue, L1Entry};
+use crate::l1::{later, AnyValue, L1Entry};
 use crate::loader::Load;
 use crate::options::{EntryOptions, Resolved};
 use crate::tiers::{prepare, typed, Claim, Origin, Prepared};
@@ -356,6 +356,53 @@ impl TieredCache {
         Ok(typed::<V>(stale).flatten())
     }
 
+    /// Calls the loader: in one of the cache's load slots when it caps
+    /// concurrent loads (waiting in line within the hard timeout, else the
+    /// background timeout), and within the hard timeout, which the wait
+    /// counts towards. Returns how long the loader itself took (XFetch's
+    /// delta, without the wait).
+    async fn call_loader<V, E, L>(
+        &self,
+        loader: L,
+        hard_timeout: Option<Duration>,
+    ) -> (Result<Result<Option<Arc<V>>, E>, Error>, Duration)
+    where
+        L: Load<V, E>,
+    {
+        let arrived = Instant::now();
+        let _slot = match &self.inner.load_limit {
+            Some(limit) => {
+                let bound = hard_timeout.unwrap_or(self.inner.background_timeout);
+                match limit.slot(bound).await {
+                    Ok((slot, waited)) => {
+                        if waited {
+                            self.inner.tiers.stats.record(Event::LoadQueued);
+                        }
+                        Some(slot)
+                    }
+                    Err(error) => return (Err(error), Duration::ZERO),
+                }
+            }
+            None => None,
+        };
+        let started = Instant::now();
+        let loaded = match hard_timeout {
+            Some(limit) => {
+                let deadline = later(arrived, limit);
+                tokio::time::timeout_at(deadline.into(), loader.load())
+                    .await
+                    .map_err(|_| {
+                        Error::new(
+                            ErrorKind::Timeout,
+                            format!("the loader did not finish within its hard timeout of {limit:?}; it was abandoned"),
+                        )
+                    })
+            }
+            None => Ok(loader.load().await),
+        };
+        (loaded, started.elapsed())
+    }
+
     /// Runs the loader as the flight's leader, stores the result, and
     /// publishes it to the waiters. With `stale`, a failure keeps serving the
     /// stale value (fail-safe) and delays the next attempt.
@@ -384,14 +431,7 @@ impl TieredCache {
             None => stamps.await,
         };
         self.inner.tiers.stats.record(Event::Load);
-        let started = Instant::now();
-        let loaded = match opts.hard_timeout {
-            Some(limit) => tokio::time::timeout(limit, loader.load())
-                .await
-                .map_err(|_| limit),
-            None => Ok(loader.load().await),
-        };
-        let took = started.elapsed();
+        let (loaded, took) = self.call_loader(loader, opts.hard_timeout).await;
         let origin = Origin::Load(claim);
         let mut prepared = None;
         let outcome: Outcome<V, E> = match loaded {
@@ -420,12 +460,9 @@ impl TieredCache {
                 self.inner.tiers.stats.record(Event::LoadError);
                 Err(LoadError::Loader(Arc::new(e)))
             }
-            Err(limit) => {
+            Err(error) => {
                 self.inner.tiers.stats.record(Event::LoaderTimeout);
-                Err(LoadError::Cache(Error::new(
-                    ErrorKind::Timeout,
-                    format!("the loader did not finish within its hard timeout of {limit:?}; it was abandoned"),
-                )))
+                Err(LoadError::Cache(error))
             }
         };
         if let Some(prepared) = prepared {

@@ -45,30 +45,39 @@ fn stripe() -> usize {
 }
 
 macro_rules! stats {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
-        /// The live counters of one cache.
+    (
+        counters { $( $(#[$doc:meta])* $name:ident ),* $(,)? }
+        gauges { $( $(#[$gdoc:meta])* $gauge:ident ),* $(,)? }
+    ) => {
+        /// The live counters and gauges of one cache.
         #[derive(Debug, Default)]
         pub(crate) struct Stats {
             $( pub(crate) $name: Counter, )*
+            $( pub(crate) $gauge: AtomicU64, )*
         }
 
-        /// A point-in-time copy of a cache's counters, from
+        /// A point-in-time copy of a cache's counters and gauges, from
         /// [`TieredCache::stats`](crate::TieredCache::stats).
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct StatsSnapshot {
             $( $(#[$doc])* pub $name: u64, )*
+            $( $(#[$gdoc])* pub $gauge: u64, )*
         }
 
         impl Stats {
             pub(crate) fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $( $name: self.$name.get(), )* }
+                StatsSnapshot {
+                    $( $name: self.$name.get(), )*
+                    $( $gauge: self.$gauge.load(Relaxed), )*
+                }
             }
         }
     };
 }
 
 stats! {
+    counters {
     /// Reads answered from the in-process tier.
     l1_hits,
     /// Reads answered from Redis (and promoted to L1).
@@ -89,13 +98,18 @@ stats! {
     stale_refreshes,
     /// Stale values returned because a refresh failed, timed out or was running.
     stale_served,
-    /// Loads that exceeded their soft or hard timeout.
+    /// Loads that exceeded their soft or hard timeout, or waited in line
+    /// for a load slot (`max_concurrent_loads`) longer than their bound.
     loader_timeouts,
+    /// Loads that waited in line for a slot because `max_concurrent_loads`
+    /// loads were running.
+    loads_queued,
     /// Entries in Redis that could not be decoded (treated as misses and deleted).
     decode_failures,
     /// Redis commands that failed or timed out (the cache degraded around them).
     l2_errors,
-    /// Redis commands not sent because Redis failed moments ago.
+    /// Redis commands not sent: the circuit breaker was open, or the call's
+    /// L2 budget was spent.
     l2_skipped,
     /// Loaded values not stored because the key was written or invalidated
     /// (here or on another instance) after the load began: the newer write
@@ -132,4 +146,15 @@ stats! {
     write_retries,
     /// Write-behind writes set aside after their last attempt failed.
     write_dead_letters,
+    /// Times the circuit breaker around Redis opened (calls then skip Redis).
+    breaker_opened,
+    /// Probes the open breaker let through to Redis after its cool-down.
+    breaker_probes,
+    /// Times the breaker closed again (a probe succeeded); L1 was cleared each time.
+    breaker_closed,
+    }
+    gauges {
+    /// The circuit breaker now: 0 closed, 1 open, 2 half-open (a probe is out).
+    breaker_state,
+    }
 }

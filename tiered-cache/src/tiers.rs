@@ -52,6 +52,16 @@ pub(crate) struct Claim {
 }
 
 impl Claim {
+    /// Whether Redis answered the claim's read.
+    pub(crate) fn read_redis(&self) -> bool {
+        self.l2.is_some()
+    }
+
+    /// How long the claim's read took.
+    pub(crate) fn spent(&self) -> Duration {
+        self.spent
+    }
+
     /// What is left of an L2 budget of `budget` after the claim's read.
     pub(crate) fn budget_left(&self, budget: Duration) -> Duration {
         budget.saturating_sub(self.spent)

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use support::{cache_on, conn, exists, key, opts, product, server, Product};
 use tiered_cache::testkit::RedisServer;
-use tiered_cache::{EntryOptions, Key, TieredCache};
+use tiered_cache::{BreakerSettings, EntryOptions, Key, TieredCache};
 
 /// Where the cache in namespace `t` keeps `key` in Redis.
 fn redis_key<V>(key: &Key<V>) -> String {
@@ -262,8 +262,9 @@ async fn redis_out_of_memory_degrades_to_l1_and_the_loader() {
     assert_eq!(cache.get(&key(1)).await.as_deref(), Some(&product(1)));
     assert_eq!(cache.stats().l1_hits, 1);
 
-    // Past the tier's short rest the next commands reach Redis again: the
-    // GET answers (nil), the loader runs, the SET is refused and counted.
+    // An OOM reply is about its command: the breaker stays closed and the
+    // next commands reach Redis: the GET answers (nil), the loader runs,
+    // the SET is refused and counted.
     tokio::time::sleep(Duration::from_millis(700)).await;
     fill_until_refused(&mut c);
     let calls = Arc::new(AtomicUsize::new(0));
@@ -379,10 +380,30 @@ fn every_duration_in_every_option_is_handled() {
         ..ProptestConfig::default()
     };
     let round = AtomicUsize::new(0);
-    proptest!(config, |(d in proptest::collection::vec(any_duration(), 10), l1 in any::<bool>())| {
+    proptest!(config, |(
+        d in proptest::collection::vec(any_duration(), 12),
+        l1 in any::<bool>(),
+        breaker in any::<bool>(),
+        failures in prop_oneof![Just(0_u32), 1..100_u32, any::<u32>()],
+        rate in prop_oneof![0.0..=1.0_f64, any::<f64>()],
+        loads in prop_oneof![Just(None), Just(Some(0_usize)), (1..64_usize).prop_map(Some), any::<usize>().prop_map(Some)],
+    )| {
         let n = round.fetch_add(1, Ordering::Relaxed) as u64;
         rt.block_on(async {
-            let built = TieredCache::builder()
+            let mut builder = TieredCache::builder();
+            if breaker {
+                // Half the cases: any breaker settings (nonsense included).
+                builder = builder.breaker(
+                    BreakerSettings::default()
+                        .failures(failures)
+                        .failure_rate(rate, d[10])
+                        .cool_down(d[11]),
+                );
+            }
+            if let Some(loads) = loads {
+                builder = builder.max_concurrent_loads(loads);
+            }
+            let built = builder
                 .namespace("durations")
                 .redis(server.url())
                 .l1_max_bytes(if l1 { 1 << 20 } else { 0 })

@@ -15,20 +15,33 @@ use std::time::{Duration, Instant};
 
 use support::{key, opts, product, server, Product};
 use tiered_cache::testkit::RedisServer;
-use tiered_cache::{Key, TieredCache};
+use tiered_cache::{BreakerSettings, Key, TieredCache};
 
 /// Where the cache in namespace `t` keeps `key` in Redis.
 fn redis_key(key: &Key<Product>) -> String {
     support::redis_key("t", key)
 }
 
+/// The tests of this file run one at a time: several measure their slowest
+/// call (64 tasks on two cores), which another test's 64 tasks on the same
+/// cores would make meaningless.
+static ONE_TEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn alone() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE_TEST_AT_A_TIME.lock().await
+}
+
 /// Longest any single cache call may take before we call it a hang.
 const HANG: Duration = Duration::from_secs(10);
 
+/// The tests that use it call the cache one call at a time, and check what
+/// each call did: the first failure opens the breaker, so the calls after
+/// it skip Redis at once (the default, 5 in a row, is tested under load).
 async fn cache_at(url: &str) -> TieredCache {
     TieredCache::builder()
         .namespace("t")
         .redis(url)
+        .breaker(BreakerSettings::default().failures(1))
         .build()
         .await
         .expect("an unreachable Redis is not fatal at build")
@@ -94,6 +107,7 @@ fn closed_port() -> u16 {
 
 #[tokio::test]
 async fn a_killed_redis_degrades_to_l1_and_the_loader_then_comes_back() {
+    let _alone = alone().await;
     let mut server = server();
     let cache = cache_at(&server.url()).await;
     let calls = Arc::new(AtomicUsize::new(0));
@@ -136,6 +150,7 @@ async fn a_killed_redis_degrades_to_l1_and_the_loader_then_comes_back() {
 
 #[tokio::test]
 async fn a_frozen_redis_costs_at_most_the_l2_timeout() {
+    let _alone = alone().await;
     let server = server();
     let cache = cache_at(&server.url()).await;
     let calls = Arc::new(AtomicUsize::new(0));
@@ -174,6 +189,7 @@ async fn a_frozen_redis_costs_at_most_the_l2_timeout() {
 
 #[tokio::test]
 async fn an_unreachable_redis_at_build_is_not_fatal() {
+    let _alone = alone().await;
     let url = format!("redis://127.0.0.1:{}", closed_port());
     let started = Instant::now();
     let cache = tokio::time::timeout(HANG, cache_at(&url))
@@ -212,6 +228,7 @@ fn error_chain_text(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[tokio::test]
 async fn a_password_in_the_url_never_shows() {
+    let _alone = alone().await;
     let port = closed_port();
     for url in [
         format!("redis://:secret@127.0.0.1:{port}"),
@@ -256,6 +273,7 @@ async fn a_password_in_the_url_never_shows() {
 /// backplane is degraded (as with `backplane(false)`), not the tier.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_publish_is_not_an_outage() {
+    let _alone = alone().await;
     let server =
         RedisServer::start_with(&["--user", "app", "on", ">pw", "~*", "resetchannels", "+@all"])
             .expect("redis-server");
@@ -290,6 +308,7 @@ async fn a_refused_publish_is_not_an_outage() {
 /// of them sent to Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_writes_do_not_stop_reads() {
+    let _alone = alone().await;
     let server = server();
     let cache = TieredCache::builder()
         .namespace("t")
@@ -327,6 +346,7 @@ async fn refused_writes_do_not_stop_reads() {
 /// a second load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_waits_on_redis_at_most_one_l2_timeout_in_all() {
+    let _alone = alone().await;
     let server = server();
     let cache = TieredCache::builder()
         .namespace("t")
@@ -393,6 +413,7 @@ impl RedisPause {
 /// read and another for the write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_waits_on_a_frozen_redis_at_most_one_l2_timeout() {
+    let _alone = alone().await;
     let server = server();
     let timeout = Duration::from_millis(400);
     let cache = TieredCache::builder()
@@ -421,4 +442,328 @@ async fn a_set_waits_on_a_frozen_redis_at_most_one_l2_timeout() {
         Some(&product(1)),
         "kept in L1"
     );
+}
+
+/// The tasks of the load tests, as in a busy service.
+const TASKS: usize = 64;
+
+/// What a fault test may add to the L2 budget, as the measured worst call on
+/// a loaded two-core CI machine (64 tasks and Redis on the same cores).
+const SLACK: Duration = Duration::from_millis(50);
+
+/// `get_or_load` of product `id` with a loader that never fails: whatever
+/// Redis does, the caller gets the value. False (an error the caller
+/// would not get without a cache) fails the test.
+async fn read(cache: &TieredCache, id: u64, calls: &Arc<AtomicUsize>) -> bool {
+    match cache
+        .get_or_load(&key(id), &opts(), support::counting(calls, product(id)))
+        .await
+    {
+        Ok(v) => *v == product(id),
+        Err(_) => false,
+    }
+}
+
+/// 64 tasks, half their reads on 256 keys already in L1, half on keys
+/// never read before: Redis killed under
+/// them opens the breaker, no caller sees an error, and the same cache
+/// uses Redis again after the restart (the breaker's probe closes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_killed_redis_opens_the_breaker_and_the_restart_closes_it() {
+    let _alone = alone().await;
+    let mut server = server();
+    let cache = support::builder_on(&server, "t")
+        .breaker(BreakerSettings::default().cool_down(Duration::from_millis(200)))
+        .build()
+        .await
+        .expect("build");
+    for id in 0..256 {
+        cache.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hammering = {
+        let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+        tokio::spawn(support::hammer(
+            TASKS,
+            Duration::from_secs(4),
+            move |task, n| {
+                let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+                // Every other call a key never read before: Redis (or the
+                // breaker) is asked all along.
+                let id = if n % 2 == 0 {
+                    n % 256
+                } else {
+                    1_000 + task as u64 * 1_000_000 + n
+                };
+                async move { read(&cache, id, &calls).await }
+            },
+        ))
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Off the runtime's workers: a blocked worker would stall the tasks
+    // queued on it, and the test would measure itself.
+    tokio::task::block_in_place(|| server.kill());
+    support::until_within(Duration::from_secs(2), "the breaker opens", || {
+        cache.stats().breaker_opened >= 1
+    })
+    .await;
+    assert_ne!(cache.stats().breaker_state, 0, "{:?}", cache.stats());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| server.restart()).expect("restart");
+    let restarted = Instant::now();
+    while cache.stats().breaker_closed == 0 {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "no probe closed the breaker: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "the breaker closed {:?} after the restart",
+        restarted.elapsed()
+    );
+    let seen = hammering.await.unwrap();
+    let s = cache.stats();
+    println!("killed under load: {seen:?}; {s:?}");
+    assert_eq!(seen.errors, 0, "no caller got an error");
+    assert!(s.l2_skipped > 0, "open, calls skipped Redis: {s:?}");
+    assert!(s.breaker_probes >= 1, "{s:?}");
+    l2_in_use_again(&cache, &server, "the restart under load").await;
+}
+
+/// 64 tasks on 512 keys with Redis frozen (SIGSTOP): no call waits longer
+/// than the L2 budget (plus scheduling slack), the breaker opens, and from
+/// then on calls do not touch Redis at all: hits at L1 speed, misses
+/// straight to the loader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_frozen_redis_costs_at_most_the_budget_and_then_nothing() {
+    let _alone = alone().await;
+    let server = server();
+    let budget = Duration::from_millis(250);
+    let cache = support::builder_on(&server, "t")
+        .l2_timeout(budget)
+        // No probe during the test: every call after the opening skips Redis.
+        .breaker(BreakerSettings::default().cool_down(Duration::from_secs(600)))
+        .build()
+        .await
+        .expect("build");
+    for id in 0..256 {
+        cache.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reader = |cache: &TieredCache, calls: &Arc<AtomicUsize>, keys: u64| {
+        let (cache, calls) = (cache.clone(), Arc::clone(calls));
+        move |task: usize, n: u64| {
+            let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+            async move { read(&cache, (task as u64 * 31 + n) % keys, &calls).await }
+        }
+    };
+    server.pause().expect("SIGSTOP");
+    let frozen = support::hammer(TASKS, Duration::from_secs(1), reader(&cache, &calls, 512)).await;
+    let s = cache.stats();
+    println!("frozen, 64 tasks: {frozen:?} (budget {budget:?}); {s:?}");
+    assert_eq!(frozen.errors, 0);
+    assert!(
+        frozen.max <= budget + SLACK,
+        "a call waited {:?} on a frozen Redis (budget {budget:?})",
+        frozen.max
+    );
+    assert_eq!(s.breaker_opened, 1, "{s:?}");
+    assert_eq!(s.breaker_state, 1, "{s:?}");
+
+    // Open: L1 hits (keys 0..256, and what the loader put in L1) and
+    // loads never wait on Redis, and no command is sent.
+    let errors = s.l2_errors;
+    let open = support::hammer(
+        TASKS,
+        Duration::from_millis(500),
+        reader(&cache, &calls, 1024),
+    )
+    .await;
+    let s = cache.stats();
+    println!("breaker open, 64 tasks: {open:?}; {s:?}");
+    assert_eq!(open.errors, 0);
+    assert_eq!(s.l2_errors, errors, "no command went to Redis: {s:?}");
+    // A call that waited on the frozen Redis would take the whole budget.
+    assert!(
+        open.max < budget,
+        "with the breaker open a call took {:?}",
+        open.max
+    );
+    server.resume().expect("SIGCONT");
+}
+
+/// A Redis that answers, but slowly (a delaying proxy): a delay under the
+/// budget is served from Redis, and no call waits longer than the budget
+/// whatever the delay; a delay over it opens the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_stays_within_the_budget() {
+    let _alone = alone().await;
+    let server = server();
+    let proxy = support::SlowProxy::start(&server).await;
+    let budget = Duration::from_millis(250);
+    let cache = TieredCache::builder()
+        .namespace("t")
+        .redis(proxy.url())
+        .l2_timeout(budget)
+        .l1_max_bytes(0) // every read goes to Redis
+        .breaker(BreakerSettings::default().cool_down(Duration::from_secs(600)))
+        .build()
+        .await
+        .expect("build");
+    for id in 0..64 {
+        cache.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+        move |task: usize, n: u64| {
+            let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+            async move { read(&cache, (task as u64 + n) % 64, &calls).await }
+        }
+    };
+    proxy.set_delay(Duration::from_millis(50));
+    let slow = support::hammer(TASKS, Duration::from_secs(1), reader.clone()).await;
+    let s = cache.stats();
+    println!("50 ms slower Redis, 64 tasks: {slow:?}; {s:?}");
+    assert_eq!(slow.errors, 0);
+    assert!(slow.max <= budget + SLACK, "{:?}", slow.max);
+    assert!(s.l2_hits > 0, "served from Redis: {s:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing was loaded: {s:?}");
+    assert_eq!(s.breaker_opened, 0, "{s:?}");
+
+    proxy.set_delay(Duration::from_millis(400));
+    let slower = support::hammer(TASKS, Duration::from_secs(1), reader).await;
+    let s = cache.stats();
+    println!("400 ms slower Redis, 64 tasks: {slower:?}; {s:?}");
+    assert_eq!(slower.errors, 0);
+    assert!(slower.max <= budget + SLACK, "{:?}", slower.max);
+    assert_eq!(s.breaker_opened, 1, "timeouts open the breaker: {s:?}");
+}
+
+/// A Redis that answers with errors (`maxmemory` full, `noeviction`): under
+/// 64 tasks, reads are served from Redis, the refused writes are counted,
+/// and the breaker stays closed: an error reply is about its command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_writes_under_load_and_the_breaker_stays_closed() {
+    let _alone = alone().await;
+    let server = server();
+    let cache = TieredCache::builder()
+        .namespace("t")
+        .redis(server.url())
+        .l1_max_bytes(0)
+        .build()
+        .await
+        .expect("build");
+    for id in 0..64 {
+        cache.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let mut c = server.connection().expect("connection");
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1mb")] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query::<()>(&mut c)
+            .expect("CONFIG SET");
+    }
+    let filler = vec![b'x'; 64 * 1024];
+    let full = (0..1000).any(|n| {
+        redis::cmd("SET")
+            .arg(format!("filler:{n}"))
+            .arg(&filler)
+            .query::<()>(&mut c)
+            .is_err()
+    });
+    assert!(full, "Redis refuses writes once full");
+    let before = cache.stats();
+    let seen = {
+        let cache = cache.clone();
+        support::hammer(TASKS, Duration::from_secs(1), move |task, n| {
+            let cache = cache.clone();
+            async move {
+                let id = (task as u64 + n) % 64;
+                if n % 4 == 0 {
+                    // A write: refused by Redis, not an error to the caller.
+                    cache
+                        .set(&key(1000 + id), product(id), &opts())
+                        .await
+                        .is_ok()
+                } else {
+                    cache.get(&key(id)).await.as_deref() == Some(&product(id))
+                }
+            }
+        })
+        .await
+    };
+    let s = cache.stats();
+    println!("full Redis, 64 tasks: {seen:?}; {s:?}");
+    assert_eq!(seen.errors, 0, "every read served, every write accepted");
+    let writes = seen.calls / 4;
+    assert!(
+        s.l2_errors - before.l2_errors >= writes / 2,
+        "the refused writes are counted: {s:?}"
+    );
+    assert_eq!((s.breaker_opened, s.l2_skipped), (0, 0), "{s:?}");
+    assert!(!exists(&server, &redis_key(&key(1000))));
+}
+
+/// Bounded fallback: with the breaker open and L1 cold, 1,000 callers of
+/// 1,000 different keys all go to the loader, but never more than
+/// `max_concurrent_loads` at once; the others wait in line and all get
+/// their value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_the_database_sees_at_most_the_load_cap() {
+    let _alone = alone().await;
+    const CAP: usize = 16;
+    let mut server = server();
+    let cache = support::builder_on(&server, "t")
+        .max_concurrent_loads(CAP)
+        .breaker(
+            BreakerSettings::default()
+                .failures(1)
+                .cool_down(Duration::from_secs(600)),
+        )
+        .build()
+        .await
+        .expect("build");
+    server.kill();
+    while cache.stats().breaker_state != 1 {
+        // Opens the breaker (a miss of a key the test never reads again).
+        let _ = cache.get(&key(1_000_000)).await;
+    }
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..1_000)
+        .map(|id| {
+            let (cache, running, most) = (cache.clone(), Arc::clone(&running), Arc::clone(&most));
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(&key(id), &opts(), move || async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, std::io::Error>(product(id))
+                    })
+                    .await
+                    .map(|v| *v == product(id))
+            })
+        })
+        .collect();
+    for caller in callers {
+        assert!(caller.await.unwrap().expect("no caller fails"));
+    }
+    let s = cache.stats();
+    let most = most.load(Ordering::SeqCst);
+    println!("1,000 loads with Redis down, cap {CAP}: at most {most} at once; {s:?}");
+    assert!(most <= CAP, "{most} loads ran at once (cap {CAP})");
+    assert_eq!(
+        most, CAP,
+        "the cap is reached: the loads did run side by side"
+    );
+    assert_eq!(s.loads, 1_000, "{s:?}");
+    assert!(s.loads_queued > 0, "{s:?}");
+    assert_eq!(s.breaker_state, 1, "{s:?}");
 }

@@ -140,8 +140,9 @@ async fn redis_trouble_is_logged_once_per_incident_without_secrets_or_values() {
     assert_eq!(cache.stats().decode_failures, 1);
     assert_eq!(lines.containing("unusable"), 1, "{:#?}", lines.all());
 
-    // Incident 1: Redis is down; misses spaced past the resting window each
-    // try Redis and fail, but the incident is logged once.
+    // Incident 1: Redis is down; spaced misses keep trying Redis (before
+    // the breaker opens, then as its probes) and fail, but the incident is
+    // logged once.
     server.kill();
     let mut id = 100;
     for _ in 0..4 {

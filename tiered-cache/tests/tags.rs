@@ -42,7 +42,8 @@ async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
         "the tag's entry left L1"
     );
     server.resume().expect("SIGCONT");
-    // The tier rests 500 ms after a timeout, then uses Redis again.
+    // One timeout does not open the breaker (5 in a row do): Redis is used
+    // again at once; the pause only lets the late replies drain.
     tokio::time::sleep(Duration::from_millis(600)).await;
 
     cache

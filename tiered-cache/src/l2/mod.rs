@@ -6,19 +6,20 @@
 //! which degrades around them; this module counts them and logs once per
 //! incident (the first failure after a success, and the recovery).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Cmd, FromRedisValue, RedisError};
 
-use crate::entry::now_ms;
+use crate::breaker::{Breaker, BreakerSettings, Verdict};
 use crate::error::{Error, ErrorKind};
 use crate::events::Event;
 use crate::stats::Stats;
 
 pub(crate) mod budget;
+mod lock;
 mod pubsub;
 mod stream;
 
@@ -39,8 +40,8 @@ pub(crate) enum L2Fault {
     /// The connection failed, or Redis said it cannot serve (`LOADING`,
     /// `BUSY`, `MASTERDOWN`, `CLUSTERDOWN`).
     Redis(RedisError),
-    /// Not tried: Redis failed moments ago and is given a short rest.
-    Resting,
+    /// Not tried: the circuit breaker is open (Redis failed moments ago).
+    BreakerOpen,
     /// Redis answered with something this tier did not expect.
     Malformed,
 }
@@ -49,9 +50,9 @@ impl L2Fault {
     pub(crate) fn into_error(self) -> Error {
         match self {
             L2Fault::WrongType => Error::new(ErrorKind::L2, "a key holds a value of another Redis type"),
-            L2Fault::Resting => Error::new(
+            L2Fault::BreakerOpen => Error::new(
                 ErrorKind::L2,
-                "Redis failed moments ago; the cache is serving without it and retries shortly",
+                "Redis failed moments ago and the circuit breaker is open; the cache is serving without it and probes Redis after the cool-down",
             ),
             L2Fault::Malformed => Error::new(
                 ErrorKind::L2,
@@ -123,6 +124,7 @@ pub(crate) struct L2Config {
     pub(crate) url: RedisUrl,
     pub(crate) namespace: String,
     pub(crate) timeout: Duration,
+    pub(crate) breaker: BreakerSettings,
 }
 
 /// The Redis tier.
@@ -135,17 +137,10 @@ pub(crate) struct L2 {
     timeout: Duration,
     stats: Arc<Stats>,
     failing: Arc<AtomicBool>,
-    /// Until then (Unix ms), commands are not sent: Redis just failed.
-    resting_until_ms: Arc<AtomicU64>,
+    /// Around every command: while open, commands are not sent.
+    breaker: Arc<Breaker>,
     rejections: Arc<Rejections>,
 }
-
-/// After a failure, how long commands skip Redis before one is tried again.
-/// It keeps a down Redis from costing every request a timeout; the circuit
-/// breaker (a later addition) will refine it.
-/// An error reply (NOPERM on PUBLISH, OOM on a write) is about one command
-/// and rests nothing.
-const REST_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
 impl std::fmt::Debug for L2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -179,16 +174,22 @@ impl L2 {
                 Error::new(ErrorKind::Config, "could not set up the Redis connection")
                     .with_source(redact(e))
             })?;
+        config.breaker.validate()?;
         Ok(L2 {
+            stats: Arc::clone(&stats),
             conn,
             client,
             namespace: Arc::from(config.namespace.as_str()),
             timeout: config.timeout,
-            stats,
             failing: Arc::new(AtomicBool::new(false)),
-            resting_until_ms: Arc::new(AtomicU64::new(0)),
+            breaker: Arc::new(Breaker::new(config.breaker, stats)),
             rejections: Arc::default(),
         })
+    }
+
+    /// The circuit breaker around this tier's commands.
+    pub(crate) fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// The L2 timeout, which bounds every command.
@@ -246,17 +247,14 @@ impl L2 {
         self.run(&cmd).await
     }
 
-    /// Sends one request (unless Redis is resting), under the timeout; counts
-    /// and logs the failure.
+    /// Sends one request (unless the circuit breaker is open), within what
+    /// is left of the call's L2 budget; counts and logs the failure, and
+    /// tells the breaker.
     async fn guarded<T, F, Fut>(&self, send: F) -> Result<T, L2Fault>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        if self.resting_until_ms.load(Ordering::Relaxed) > now_ms() {
-            self.stats.record(Event::L2Skipped);
-            return Err(L2Fault::Resting);
-        }
         let timeout = budget::time_left(self.timeout);
         if timeout.is_zero() {
             // The call's budget is spent (earlier commands were slow): not
@@ -264,13 +262,26 @@ impl L2 {
             self.stats.record(Event::L2Skipped);
             return Err(L2Fault::Timeout);
         }
+        let Some(permit) = self.breaker.admit() else {
+            self.stats.record(Event::L2Skipped);
+            return Err(L2Fault::BreakerOpen);
+        };
         let outcome = match tokio::time::timeout(timeout, send(self.conn.clone())).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if is_wrong_type(&e) => return Err(L2Fault::WrongType),
+            Ok(Err(e)) if is_wrong_type(&e) => Err(L2Fault::WrongType),
             Ok(Err(e)) if is_about_the_command(&e) => Err(L2Fault::Rejected(e)),
             Ok(Err(e)) => Err(L2Fault::Redis(e)),
             Err(_) => Err(L2Fault::Timeout),
         };
+        // Only a failed connection or no answer counts against Redis: an
+        // error reply is about its command.
+        permit.judge(match &outcome {
+            Err(L2Fault::Redis(_) | L2Fault::Timeout) => Verdict::Failed,
+            _ => Verdict::Answered,
+        });
+        if matches!(outcome, Err(L2Fault::WrongType)) {
+            return outcome;
+        }
         self.record(&outcome);
         outcome
     }
@@ -298,10 +309,6 @@ impl L2 {
             }
             Err(fault) => {
                 self.stats.record(Event::L2Error);
-                if !matches!(fault, L2Fault::WrongType) {
-                    let until = now_ms() + REST_AFTER_FAILURE.as_millis() as u64;
-                    self.resting_until_ms.store(until, Ordering::Relaxed);
-                }
                 if !self.failing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         namespace = %self.namespace,
@@ -562,7 +569,7 @@ fn describe(fault: &L2Fault) -> String {
     match fault {
         L2Fault::WrongType => "WRONGTYPE".to_owned(),
         L2Fault::Timeout => "timeout".to_owned(),
-        L2Fault::Resting => "resting".to_owned(),
+        L2Fault::BreakerOpen => "breaker open".to_owned(),
         L2Fault::Malformed => "unexpected reply".to_owned(),
         L2Fault::Rejected(e) => e.code().unwrap_or("error reply").to_owned(),
         L2Fault::Redis(e) => {

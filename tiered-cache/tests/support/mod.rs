@@ -231,3 +231,147 @@ pub async fn until_within(limit: Duration, what: &str, cond: impl Fn() -> bool) 
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// A TCP proxy in front of a real `redis-server` that holds every chunk of
+/// bytes, both ways, for a delay that the test can change while it runs: a
+/// slow Redis (or network) that still answers everything, in order.
+pub struct SlowProxy {
+    port: u16,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    /// Listens on a free loopback port and forwards to `server`, with no
+    /// delay yet. Needs a tokio runtime.
+    pub async fn start(server: &RedisServer) -> SlowProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let upstream = format!("127.0.0.1:{}", server.port());
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = Arc::clone(&delay_ms);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(delayed_copy(client_read, server_write, Arc::clone(&delay)));
+                tokio::spawn(delayed_copy(server_read, client_write, Arc::clone(&delay)));
+            }
+        });
+        SlowProxy {
+            port,
+            delay_ms,
+            task,
+        }
+    }
+
+    /// The URL to give the cache.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, every chunk read is delivered `delay` later.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read (a
+/// constant added latency, not a throttle: chunks read meanwhile are not
+/// held up further).
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let wait = Duration::from_millis(delay.load(std::sync::atomic::Ordering::SeqCst));
+        if tx
+            .send((tokio::time::Instant::now() + wait, buf[..n].to_vec()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// What [`hammer`] saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Hammered {
+    pub calls: u64,
+    pub errors: u64,
+    pub max: Duration,
+}
+
+/// Runs `tasks` tasks that call `call(task, n)` (n counts each task's
+/// calls) back to back for `how_long`; counts the calls and the errors
+/// and measures the slowest call.
+pub async fn hammer<F, Fut>(tasks: usize, how_long: Duration, call: F) -> Hammered
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let call = Arc::new(call);
+    let end = Instant::now() + how_long;
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let call = Arc::clone(&call);
+            tokio::spawn(async move {
+                let mut seen = Hammered::default();
+                let mut n = 0;
+                while Instant::now() < end {
+                    let started = Instant::now();
+                    let ok = call(task, n).await;
+                    seen.max = seen.max.max(started.elapsed());
+                    seen.calls += 1;
+                    seen.errors += u64::from(!ok);
+                    n += 1;
+                    // As a service's handler does I/O between cache calls:
+                    // an L1 hit never yields, and 64 tasks that never yield
+                    // would starve the timers of the calls being measured.
+                    tokio::task::yield_now().await;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = Hammered::default();
+    for handle in handles {
+        let seen = handle.await.expect("a hammering task panicked");
+        all.calls += seen.calls;
+        all.errors += seen.errors;
+        all.max = all.max.max(seen.max);
+    }
+    all
+}
