@@ -106,6 +106,28 @@ fn the_web_service_serves_reads_and_writes_through_the_cache() {
     assert_eq!(json(&stats)["store_writes"], 1);
     assert_eq!(http(&addr, "GET", "/products/5000", None).0, 404);
 
+    // The same counters in Prometheus's format, labelled by namespace.
+    let (status, text) = http(&addr, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let metric = |name: &str| -> u64 {
+        let prefix = format!("{name}{{namespace=\"web-service\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    };
+    let (_, stats) = http(&addr, "GET", "/stats", None);
+    assert_eq!(metric("tiered_cache_l1_hits_total"), hits(&stats));
+    assert_eq!(
+        metric("tiered_cache_loads_total"),
+        json(&stats)["loads"].as_u64().unwrap()
+    );
+    assert!(
+        metric("tiered_cache_loads_total") >= 1_000,
+        "the warm-up's loads"
+    );
+    assert_eq!(metric("tiered_cache_store_writes_total"), 1);
+
     let pid = child.id().to_string();
     let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(sent.success());

@@ -218,6 +218,7 @@ impl TieredCacheBuilder {
             }
         }
         let stats = Arc::new(Stats::default());
+        stats.export.install(&self.namespace);
         let l2 = match &self.redis_url {
             Some(url) => {
                 let config = L2Config {

@@ -97,49 +97,13 @@ impl Stats {
     #[inline]
     pub(crate) fn record_many(&self, event: Event, n: u64) {
         self.counter(event).add(n);
+        self.export.count(event, n);
     }
 
     /// `n` ids left the write-behind queues (their store writes are done).
     pub(crate) fn write_queue_shrank(&self, n: u64) {
         self.write_queue_depth.sub(n);
-    }
-
-    #[inline]
-    fn counter(&self, event: Event) -> &Counter {
-        match event {
-            Event::L1Hit => &self.l1_hits,
-            Event::L2Hit => &self.l2_hits,
-            Event::Miss => &self.misses,
-            Event::NegativeHit => &self.negative_hits,
-            Event::Load => &self.loads,
-            Event::LoadError => &self.load_errors,
-            Event::CoalescedWait => &self.coalesced_waits,
-            Event::EarlyRefresh => &self.early_refreshes,
-            Event::StaleRefresh => &self.stale_refreshes,
-            Event::StaleServed => &self.stale_served,
-            Event::LoaderTimeout => &self.loader_timeouts,
-            Event::LoadQueued => &self.loads_queued,
-            Event::DecodeFailure => &self.decode_failures,
-            Event::L2Error => &self.l2_errors,
-            Event::L2Skipped => &self.l2_skipped,
-            Event::StaleWriteRefused => &self.stale_writes_refused,
-            Event::OversizedSkip => &self.oversized_skips,
-            Event::TagStaleDrop => &self.tag_stale_drops,
-            Event::InvalidationReceived => &self.invalidations_received,
-            Event::BackplaneGap => &self.backplane_gaps,
-            Event::StoreWrite => &self.store_writes,
-            Event::WriteFallback => &self.write_fallbacks,
-            Event::WriteQueued => &self.writes_queued,
-            Event::WriteCoalesced => &self.writes_coalesced,
-            Event::WriteRejectedFull => &self.writes_rejected_full,
-            Event::WriteQueueGrew => &self.write_queue_depth,
-            Event::WriteFlush => &self.write_flushes,
-            Event::WriteRetry => &self.write_retries,
-            Event::WriteDeadLetter => &self.write_dead_letters,
-            Event::BreakerOpened => &self.breaker_opened,
-            Event::BreakerProbe => &self.breaker_probes,
-            Event::BreakerClosed => &self.breaker_closed,
-        }
+        self.export.queue_shrank(n);
     }
 
     /// Sets `gauge` to `value`.
@@ -148,7 +112,72 @@ impl Stats {
             Gauge::BreakerState => &self.breaker_state,
         };
         slot.store(value, Relaxed);
+        self.export.set(gauge, value);
     }
+}
+
+/// Each event's counter, by name: the one table from which `counter`,
+/// the metrics' names and `Event::ALL` come.
+macro_rules! counters {
+    ($( $event:ident => $field:ident ),* $(,)?) => {
+        impl Stats {
+            #[inline]
+            fn counter(&self, event: Event) -> &Counter {
+                match event {
+                    $( Event::$event => &self.$field, )*
+                }
+            }
+        }
+
+        impl Event {
+            /// Every event, in declaration order (`event as usize` indexes it).
+            #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+            pub(crate) const ALL: &'static [Event] = &[$( Event::$event ),*];
+
+            /// The name of the event's counter in [`StatsSnapshot`](crate::StatsSnapshot).
+            #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+            pub(crate) fn counter_name(self) -> &'static str {
+                match self {
+                    $( Event::$event => stringify!($field), )*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    L1Hit => l1_hits,
+    L2Hit => l2_hits,
+    Miss => misses,
+    NegativeHit => negative_hits,
+    Load => loads,
+    LoadError => load_errors,
+    CoalescedWait => coalesced_waits,
+    EarlyRefresh => early_refreshes,
+    StaleRefresh => stale_refreshes,
+    StaleServed => stale_served,
+    LoaderTimeout => loader_timeouts,
+    LoadQueued => loads_queued,
+    DecodeFailure => decode_failures,
+    L2Error => l2_errors,
+    L2Skipped => l2_skipped,
+    StaleWriteRefused => stale_writes_refused,
+    OversizedSkip => oversized_skips,
+    TagStaleDrop => tag_stale_drops,
+    InvalidationReceived => invalidations_received,
+    BackplaneGap => backplane_gaps,
+    StoreWrite => store_writes,
+    WriteFallback => write_fallbacks,
+    WriteQueued => writes_queued,
+    WriteCoalesced => writes_coalesced,
+    WriteRejectedFull => writes_rejected_full,
+    WriteQueueGrew => write_queue_depth,
+    WriteFlush => write_flushes,
+    WriteRetry => write_retries,
+    WriteDeadLetter => write_dead_letters,
+    BreakerOpened => breaker_opened,
+    BreakerProbe => breaker_probes,
+    BreakerClosed => breaker_closed,
 }
 
 /// "Log once per incident" for one cache: lets a line through at most once

@@ -137,6 +137,7 @@ mod l1;
 mod l2;
 mod limit;
 mod loader;
+mod metrics;
 mod options;
 mod refresh;
 mod stats;

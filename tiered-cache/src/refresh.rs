@@ -432,6 +432,7 @@ impl TieredCache {
         };
         self.inner.tiers.stats.record(Event::Load);
         let (loaded, took) = self.call_loader(loader, opts.hard_timeout).await;
+        self.inner.tiers.stats.export.load_time(took);
         let origin = Origin::Load(claim);
         let mut prepared = None;
         let outcome: Outcome<V, E> = match loaded {

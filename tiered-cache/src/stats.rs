@@ -54,6 +54,8 @@ macro_rules! stats {
         pub(crate) struct Stats {
             $( pub(crate) $name: Counter, )*
             $( pub(crate) $gauge: AtomicU64, )*
+            /// Where events go besides these counters (the `metrics` feature).
+            pub(crate) export: crate::metrics::Export,
         }
 
         /// A point-in-time copy of a cache's counters and gauges, from

@@ -4,6 +4,8 @@
 //! - `GET /products/{id}`: through the cache (the store is the loader);
 //! - `PUT /products/{id}` (JSON body): the store, then the cache;
 //! - `GET /stats`: the cache's counters as JSON;
+//! - `GET /metrics`: the same in Prometheus's text format (the `metrics`
+//!   feature with `metrics-exporter-prometheus`), labelled by namespace;
 //! - `GET /ready`: 503 until the start-up warm-up has loaded every product,
 //!   then 200 (gate a load balancer on it).
 //!
@@ -21,6 +23,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use tiered_cache::write::{Entity, EntityCache, WritePolicy};
 use tiered_cache::{EntryOptions, TieredCache};
@@ -48,6 +51,7 @@ const PRODUCTS: u64 = 1_000;
 
 #[derive(Clone)]
 struct App {
+    prometheus: PrometheusHandle,
     cache: TieredCache,
     products: EntityCache<Product, Table<Product>>,
     warmed: Arc<AtomicU64>,
@@ -59,6 +63,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("web-service.db"));
+    // The recorder first: a cache exports to the recorder present when it is built.
+    let prometheus = PrometheusBuilder::new().install_recorder()?;
+    let upkeep = prometheus.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
     let (url, _server) = tiered_cache_examples::redis_url();
     let mut builder = TieredCache::builder().namespace("web-service");
     if let Some(url) = url {
@@ -70,6 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let products = cache.entity(table)?;
 
     let app = App {
+        prometheus,
         cache,
         products: products.clone(),
         warmed: Arc::default(),
@@ -79,6 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = Router::new()
         .route("/products/{id}", get(get_product).put(put_product))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/ready", get(ready))
         .with_state(app);
     let port = std::env::var("PORT").unwrap_or_else(|_| "0".into());
@@ -173,6 +188,10 @@ async fn ready(State(app): State<App>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
+}
+
+async fn metrics(State(app): State<App>) -> String {
+    app.prometheus.render()
 }
 
 async fn stats(State(app): State<App>) -> Json<serde_json::Value> {
