@@ -424,11 +424,28 @@ async fn invalidating_a_tag_of_100k_entries_does_not_block_redis() {
     };
     let _quiet = QUIET.write().await; // from here on, no other test runs
     std::thread::sleep(Duration::from_millis(20));
+    // Redis's own clock, not the client's: any command that held Redis for
+    // 10 ms or more is in the slow log, however busy this machine is.
+    let mut admin = conn(&server);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg("10000")
+        .query(&mut admin)
+        .expect("slowlog threshold");
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query(&mut admin)
+        .expect("slowlog reset");
     let called = Instant::now();
     a.invalidate_tag("bulk").await.expect("invalidate_tag");
     let returned = called.elapsed();
     await_received(&b, 1).await;
     let dropped = called.elapsed();
+    let slow: u64 = redis::cmd("SLOWLOG")
+        .arg("LEN")
+        .query(&mut admin)
+        .expect("slowlog");
     // Re-read everything on B while the PING loop runs: all misses now.
     let mut hits = 0;
     for chunk in keys.chunks(1_000) {
@@ -443,9 +460,11 @@ async fn invalidating_a_tag_of_100k_entries_does_not_block_redis() {
     assert_eq!(hits, 0, "no entry of the tag survives, in L1 or Redis");
     assert_eq!(a.get_many(&keys[..1_000]).await.iter().flatten().count(), 0);
     assert!(pings > 10, "the PING loop ran alongside");
-    assert!(
-        max_ping < Duration::from_millis(50),
-        "a PING waited {max_ping:?} during the invalidation"
+    // The PINGs' wait is printed, not asserted: on a loaded two-core
+    // machine the client's threads wait for a core longer than Redis does.
+    assert_eq!(
+        slow, 0,
+        "a command held Redis for 10 ms or more during the invalidation"
     );
 }
 
