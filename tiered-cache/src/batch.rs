@@ -51,10 +51,17 @@ impl TieredCache {
         for (&i, (entry, _)) in missing.iter().zip(read) {
             match entry.filter(|e| e.is_fresh(Instant::now())) {
                 Some(e) => {
-                    self.inner.tiers.stats.record(Event::L2Hit);
+                    self.inner
+                        .tiers
+                        .stats
+                        .record_at(Event::L2Hit, keys[i].as_str());
                     out[i] = typed::<V>(&e).flatten();
                 }
-                None => self.inner.tiers.stats.record(Event::Miss),
+                None => self
+                    .inner
+                    .tiers
+                    .stats
+                    .record_at(Event::Miss, keys[i].as_str()),
             }
         }
         out
@@ -101,7 +108,7 @@ impl TieredCache {
                 match self.serve::<V, C, E, _>(key.as_str(), options, &entry, false, &mut loader) {
                     // Owned loaders refresh in the background: no `Refresh`.
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
-                        self.inner.tiers.stats.record(Event::L1Hit);
+                        self.inner.tiers.stats.record_at(Event::L1Hit, key.as_str());
                         found[i] = Some(Ok(hit));
                         continue;
                     }
@@ -130,7 +137,10 @@ impl TieredCache {
                     &mut loader,
                 ) {
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
-                        self.inner.tiers.stats.record(Event::L2Hit);
+                        self.inner
+                            .tiers
+                            .stats
+                            .record_at(Event::L2Hit, keys[i].as_str());
                         found[i] = Some(Ok(hit));
                         continue;
                     }
@@ -186,7 +196,7 @@ impl TieredCache {
                 if let Some(entry) = self.inner.tiers.l1_get(key).await {
                     if entry.is_fresh(Instant::now()) {
                         if let Some(hit @ Some(_)) = typed::<V>(&entry) {
-                            self.inner.tiers.stats.record(Event::L1Hit);
+                            self.inner.tiers.stats.record_at(Event::L1Hit, key);
                             leader.finish::<Outcome<V, E>>(Ok(hit.clone()));
                             return Ok(hit);
                         }

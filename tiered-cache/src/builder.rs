@@ -41,6 +41,7 @@ pub struct TieredCacheBuilder {
     max_value_bytes: usize,
     breaker: BreakerSettings,
     max_concurrent_loads: Option<usize>,
+    stats_per_entity: bool,
     defaults: EntryOptions,
 }
 
@@ -58,6 +59,7 @@ impl Default for TieredCacheBuilder {
             max_value_bytes: 1 << 20,
             breaker: BreakerSettings::default(),
             max_concurrent_loads: None,
+            stats_per_entity: false,
             defaults: EntryOptions::default(),
         }
     }
@@ -75,6 +77,15 @@ impl TieredCacheBuilder {
     /// encoded size plus a fixed overhead). `0` turns L1 off. Default: 64 MiB.
     pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
         self.l1_max_bytes = bytes;
+        self
+    }
+
+    /// Counts reads per entity (the entity name of each key), for
+    /// [`TieredCache::entity_stats`] and, with the `metrics` feature,
+    /// `tiered_cache_entity_<counter>_total{namespace, entity}`. Each read
+    /// then also looks its entity up in a small map. Default: off.
+    pub fn stats_per_entity(mut self, on: bool) -> Self {
+        self.stats_per_entity = on;
         self
     }
 
@@ -219,6 +230,9 @@ impl TieredCacheBuilder {
         }
         let stats = Arc::new(Stats::default());
         stats.export.install(&self.namespace);
+        if self.stats_per_entity {
+            stats.by_entity.enable(&self.namespace);
+        }
         let l2 = match &self.redis_url {
             Some(url) => {
                 let config = L2Config {

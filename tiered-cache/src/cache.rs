@@ -89,6 +89,23 @@ impl TieredCache {
         self.inner.tiers.stats.snapshot()
     }
 
+    /// Read counters per entity, sorted by entity name, when the cache was
+    /// built with [`stats_per_entity`](TieredCacheBuilder::stats_per_entity)
+    /// (else empty).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tiered_cache::{Key, TieredCache};
+    /// let cache = TieredCache::builder().stats_per_entity(true).build().await.unwrap();
+    /// let _ = cache.get(&Key::<u64>::new("product", 1).arg(7)).await;
+    /// let stats = cache.entity_stats();
+    /// assert_eq!((stats[0].entity.as_str(), stats[0].misses), ("product", 1));
+    /// # }
+    /// ```
+    pub fn entity_stats(&self) -> Vec<crate::EntityStats> {
+        self.inner.tiers.stats.by_entity.snapshot()
+    }
+
     /// Total weight (approximate bytes) of the entries in L1, after moka's
     /// pending maintenance has run. 0 when L1 is off.
     pub async fn l1_weighted_size(&self) -> u64 {
@@ -125,11 +142,17 @@ impl TieredCache {
             .await
         {
             Some(entry) if entry.is_fresh(Instant::now()) => {
-                self.inner.tiers.stats.record(events::Event::L2Hit);
+                self.inner
+                    .tiers
+                    .stats
+                    .record_at(events::Event::L2Hit, key.as_str());
                 typed::<V>(&entry).flatten()
             }
             _ => {
-                self.inner.tiers.stats.record(events::Event::Miss);
+                self.inner
+                    .tiers
+                    .stats
+                    .record_at(events::Event::Miss, key.as_str());
                 None
             }
         }
@@ -443,7 +466,7 @@ impl TieredCache {
                 match self.serve::<V, C, E, L>(key, options, &entry, negatives, &mut loader) {
                     Served::Hit(hit) => {
                         if hit.is_some() {
-                            self.inner.tiers.stats.record(events::Event::L1Hit);
+                            self.inner.tiers.stats.record_at(events::Event::L1Hit, key);
                         }
                         return Ok(hit);
                     }
@@ -524,7 +547,7 @@ impl TieredCache {
                     // This caller already leads the key, so no refresh starts here.
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
                         if hit.is_some() {
-                            self.inner.tiers.stats.record(events::Event::L2Hit);
+                            self.inner.tiers.stats.record_at(events::Event::L2Hit, key);
                         }
                         leader.finish::<Outcome<V, E>>(Ok(hit.clone()));
                         return Ok(hit);
@@ -584,7 +607,10 @@ impl TieredCache {
             }
         }
         if value.is_none() {
-            self.inner.tiers.stats.record(events::Event::NegativeHit);
+            self.inner
+                .tiers
+                .stats
+                .record_at(events::Event::NegativeHit, key);
         }
         if entry.failsafe {
             self.inner.tiers.stats.record(events::Event::StaleServed);

@@ -93,6 +93,14 @@ impl Stats {
         self.record_many(event, 1);
     }
 
+    /// Records one `event` of a read of `key`: counted per entity too,
+    /// when that is on.
+    #[inline]
+    pub(crate) fn record_at(&self, event: Event, key: &str) {
+        self.record_many(event, 1);
+        self.by_entity.record(event, key);
+    }
+
     /// Records `n` of `event` at once.
     #[inline]
     pub(crate) fn record_many(&self, event: Event, n: u64) {

@@ -75,7 +75,7 @@ impl TieredCache {
         E: Send + Sync + 'static,
         L: Load<V, E>,
     {
-        self.inner.tiers.stats.record(Event::Miss);
+        self.inner.tiers.stats.record_at(Event::Miss, key);
         let opts = options.resolve(&self.inner.defaults);
         let Some(stale) = fallback else {
             return self
@@ -430,7 +430,7 @@ impl TieredCache {
             Some(l2) => crate::l2::budget::within(claim.budget_left(l2.timeout()), stamps).await,
             None => stamps.await,
         };
-        self.inner.tiers.stats.record(Event::Load);
+        self.inner.tiers.stats.record_at(Event::Load, key);
         let (loaded, took) = self.call_loader(loader, opts.hard_timeout).await;
         self.inner.tiers.stats.export.load_time(took);
         let origin = Origin::Load(claim);
@@ -458,7 +458,7 @@ impl TieredCache {
                 Ok(None)
             }
             Ok(Err(e)) => {
-                self.inner.tiers.stats.record(Event::LoadError);
+                self.inner.tiers.stats.record_at(Event::LoadError, key);
                 Err(LoadError::Loader(Arc::new(e)))
             }
             Err(error) => {

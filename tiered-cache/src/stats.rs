@@ -56,6 +56,8 @@ macro_rules! stats {
             $( pub(crate) $gauge: AtomicU64, )*
             /// Where events go besides these counters (the `metrics` feature).
             pub(crate) export: crate::metrics::Export,
+            /// Read counters per entity, when turned on.
+            pub(crate) by_entity: crate::entities::ByEntity,
         }
 
         /// A point-in-time copy of a cache's counters and gauges, from

@@ -483,13 +483,13 @@ impl Tiers {
             return L1Lookup::Miss;
         };
         if entry.failsafe {
-            self.stats.record(Event::Miss);
+            self.stats.record_at(Event::Miss, key);
             return L1Lookup::FailSafe;
         }
         if !entry.is_fresh(Instant::now()) {
             return L1Lookup::Miss;
         }
-        match self.typed_hit::<V>(&entry) {
+        match self.typed_hit::<V>(key, &entry) {
             Some(hit) => L1Lookup::Hit(hit),
             None => L1Lookup::Miss,
         }
@@ -514,13 +514,14 @@ impl Tiers {
     #[inline]
     pub(crate) fn typed_hit<V: Send + Sync + 'static>(
         &self,
+        key: &str,
         entry: &L1Entry,
     ) -> Option<Option<Arc<V>>> {
         let hit = typed::<V>(entry)?;
         if hit.is_some() {
-            self.stats.record(Event::L1Hit);
+            self.stats.record_at(Event::L1Hit, key);
         } else {
-            self.stats.record(Event::NegativeHit);
+            self.stats.record_at(Event::NegativeHit, key);
         }
         Some(hit)
     }

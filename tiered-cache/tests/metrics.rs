@@ -12,27 +12,32 @@ use support::counter as counter_of_calls;
 use support::*;
 use tiered_cache::testkit::RedisServer;
 
-/// Metric name and namespace label → value, from one (destructive) snapshot.
-fn read(
-    snapshotter: &metrics_util::debugging::Snapshotter,
-) -> HashMap<(String, String), DebugValue> {
+type Recorded = HashMap<(String, String), DebugValue>;
+
+/// Metric name and its labels (`namespace`, then `entity` if any, joined
+/// by `/`) → value, from one (destructive) snapshot.
+fn read(snapshotter: &metrics_util::debugging::Snapshotter) -> Recorded {
     snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
         .map(|(key, _, _, value)| {
-            let (kind_key, name) = (key.key(), key.key().name().to_owned());
-            let namespace = kind_key
-                .labels()
-                .find(|l| l.key() == "namespace")
-                .map(|l| l.value().to_owned())
-                .unwrap_or_default();
-            ((name, namespace), value)
+            let key = key.key();
+            let label = |name: &str| {
+                key.labels()
+                    .find(|l| l.key() == name)
+                    .map(|l| l.value().to_owned())
+            };
+            let mut labels = label("namespace").unwrap_or_default();
+            if let Some(entity) = label("entity") {
+                labels = format!("{labels}/{entity}");
+            }
+            ((key.name().to_owned(), labels), value)
         })
         .collect()
 }
 
-fn counter(m: &HashMap<(String, String), DebugValue>, name: &str, ns: &str) -> u64 {
+fn counter(m: &Recorded, name: &str, ns: &str) -> u64 {
     match m.get(&(format!("tiered_cache_{name}_total"), ns.to_owned())) {
         Some(DebugValue::Counter(n)) => *n,
         None => 0,
@@ -49,7 +54,11 @@ async fn recorded_metrics_match_the_stats_per_namespace() {
         .expect("the only recorder of this test binary");
 
     let server = RedisServer::start().expect("redis");
-    let a = cache_on(&server, "metrics-a").await;
+    let a = builder_on(&server, "metrics-a")
+        .stats_per_entity(true)
+        .build()
+        .await
+        .unwrap();
     let b = cache_on(&server, "metrics-b").await;
     let k1 = item::<String>(1);
     let k2 = item::<String>(2);
@@ -66,6 +75,7 @@ async fn recorded_metrics_match_the_stats_per_namespace() {
         .is_err()); // a load error
     a.invalidate(&k1).await.unwrap();
     assert!(a.get(&k1).await.is_none(), "invalidated: a miss");
+    assert!(a.get(&key(3)).await.is_none()); // another entity's miss
     b.set(&k2, "two".to_owned(), &opts()).await.unwrap();
     assert!(b.get(&k2).await.is_some()); // B's own hit
 
