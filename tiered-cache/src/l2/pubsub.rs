@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, ProtocolVersion};
 
 use super::L2;
 
@@ -60,7 +59,7 @@ impl L2 {
         channel: &str,
         within: Duration,
     ) -> Result<(Health, Messages), SubscribeFault> {
-        let client = resp2(&self.client);
+        let client = self.endpoint.subscriber();
         let connect = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
@@ -93,15 +92,4 @@ impl Health {
             Err(_) => Err("no answer to PING"),
         }
     }
-}
-
-/// The same server and settings as `client`, spoken in RESP2: `aio::PubSub`
-/// is a RESP2 connection, and a RESP2 subscriber is a `pubsub` client.
-fn resp2(client: &Client) -> Client {
-    let info = client.get_connection_info().clone();
-    let redis = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP2);
-    Client::open(info.set_redis_settings(redis)).unwrap_or_else(|_| client.clone())
 }
