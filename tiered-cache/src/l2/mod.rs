@@ -312,7 +312,11 @@ impl L2 {
         for body in bodies {
             cmd.arg(self.key(body));
         }
-        self.run(&cmd).await
+        let replies: Vec<Option<Vec<u8>>> = self.run(&cmd).await?;
+        if replies.len() != bodies.len() {
+            return Err(L2Fault::Malformed);
+        }
+        Ok(replies)
     }
 
     /// The values of counters (tag versions); a missing counter is 0. One MGET.

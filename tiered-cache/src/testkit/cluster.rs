@@ -143,6 +143,30 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Freezes every master (SIGSTOP), as [`RedisServer::pause`] does one
+    /// server: nothing answers. Resume within the node timeout (2 s), or
+    /// the replicas take over.
+    ///
+    /// # Errors
+    /// When a signal could not be sent.
+    pub fn pause_masters(&self) -> io::Result<()> {
+        let masters = self.masters()?;
+        let nodes = self.nodes();
+        masters.into_iter().try_for_each(|i| nodes[i].pause())
+    }
+
+    /// Thaws every node paused by [`pause_masters`](Self::pause_masters).
+    ///
+    /// # Errors
+    /// When a signal could not be sent.
+    pub fn resume(&self) -> io::Result<()> {
+        let nodes = self.nodes();
+        nodes
+            .iter()
+            .filter(|n| n.pid().is_some())
+            .try_for_each(RedisServer::resume)
+    }
+
     /// Kills (SIGKILL) the first running master, then waits until its
     /// replica has taken over its slots and every live node says
     /// `cluster_state:ok`. The killed node stays down until
