@@ -14,6 +14,10 @@
 //! - a connection that hangs without closing (a paused server, a silent
 //!   network cut) is caught by a periodic `PING` on the same connection,
 //!   with a timeout, which the split sink allows beside the stream.
+//!
+//! On a Redis Cluster the connection goes to one node at a time, the next
+//! seed node on each attempt (`conn.rs`, `Endpoint::subscriber`): any node
+//! hears every classic `PUBLISH`.
 
 use std::time::Duration;
 

@@ -143,6 +143,23 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Runs `f` with a blocking connection to each running node, masters
+    /// and replicas, in turn (pub/sub clients may be on any node).
+    ///
+    /// # Errors
+    /// The first error of a connection or of `f`.
+    pub fn for_each_node<T>(
+        &self,
+        mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<Vec<T>> {
+        let nodes = self.nodes();
+        nodes
+            .iter()
+            .filter(|n| n.pid().is_some())
+            .map(|n| f(&mut n.connection()?))
+            .collect()
+    }
+
     /// Freezes every master (SIGSTOP), as [`RedisServer::pause`] does one
     /// server: nothing answers. Resume within the node timeout (2 s), or
     /// the replicas take over.

@@ -152,6 +152,8 @@ pub trait TestRedis {
     fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T;
     /// Runs `cmd` on every master (one on a single Redis), in turn.
     fn on_masters<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T>;
+    /// Runs `cmd` on every node, replicas too (one on a single Redis).
+    fn on_nodes<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T>;
     /// How many MGETs Redis counts for one MGET of `redis_keys`: 1 on a
     /// single Redis; on a cluster, one per hash slot (redis-rs splits it).
     fn mgets_for(&self, redis_keys: &[String]) -> u64;
@@ -170,6 +172,10 @@ impl TestRedis for RedisServer {
     }
 
     fn on_masters<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T> {
+        vec![self.query(cmd)]
+    }
+
+    fn on_nodes<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T> {
         vec![self.query(cmd)]
     }
 
@@ -243,9 +249,14 @@ impl TestRedis for Backend {
         match self {
             Backend::Standalone(server) => server.builder(namespace),
             #[cfg(feature = "cluster")]
+            // Six servers (three replicating every write) share the test
+            // machine's cores with the tests: a loaded CI machine must not
+            // turn into L2 timeouts that the tests would count as misses.
+            // A test that sets its own timeout overrides this.
             Backend::Cluster(turn) => TieredCache::builder()
                 .namespace(namespace)
-                .redis_cluster(turn.cluster.urls()),
+                .redis_cluster(turn.cluster.urls())
+                .l2_timeout(Duration::from_secs(2)),
         }
     }
 
@@ -271,6 +282,17 @@ impl TestRedis for Backend {
                 .cluster
                 .for_each_master(|conn| cmd.query(conn))
                 .expect("a query of every master"),
+        }
+    }
+
+    fn on_nodes<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T> {
+        match self {
+            Backend::Standalone(server) => server.on_nodes(cmd),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(turn) => turn
+                .cluster
+                .for_each_node(|conn| cmd.query(conn))
+                .expect("a query of every node"),
         }
     }
 
@@ -376,6 +398,16 @@ pub fn info_stat(redis: &impl TestRedis, field: &str) -> u64 {
     info_field(redis, "stats", field)
         .iter()
         .map(|n| n.parse::<u64>().expect("a number"))
+        .sum()
+}
+
+/// How many connections subscribe to `channel`, on all nodes together
+/// (`PUBSUB NUMSUB`).
+pub fn subscribers(redis: &impl TestRedis, channel: &str) -> u64 {
+    redis
+        .on_nodes::<(String, u64)>(redis::cmd("PUBSUB").arg("NUMSUB").arg(channel))
+        .iter()
+        .map(|(_, n)| n)
         .sum()
 }
 
