@@ -39,7 +39,7 @@ pub(crate) enum Target {
 pub(crate) enum Conn {
     Single(ConnectionManager),
     #[cfg(feature = "cluster")]
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(std::sync::Arc<cluster::Healing>),
 }
 
 impl ConnectionLike for Conn {
@@ -47,7 +47,14 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(conn) => conn.req_packed_command(cmd),
             #[cfg(feature = "cluster")]
-            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(healing) => {
+                let healing = std::sync::Arc::clone(healing);
+                Box::pin(async move {
+                    healing
+                        .watch(|mut c| async move { c.req_packed_command(cmd).await })
+                        .await
+                })
+            }
         }
     }
 
@@ -60,7 +67,16 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
             #[cfg(feature = "cluster")]
-            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(healing) => {
+                let healing = std::sync::Arc::clone(healing);
+                Box::pin(async move {
+                    healing
+                        .watch(|mut c| async move {
+                            c.req_packed_commands(pipeline, offset, count).await
+                        })
+                        .await
+                })
+            }
         }
     }
 
@@ -68,7 +84,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(conn) => conn.get_db(),
             #[cfg(feature = "cluster")]
-            Conn::Cluster(conn) => conn.get_db(),
+            Conn::Cluster(_) => 0,
         }
     }
 }
@@ -159,8 +175,103 @@ fn resp2(client: &Client) -> Client {
 
 #[cfg(feature = "cluster")]
 mod cluster {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{PoisonError, RwLock};
+
     use super::*;
+    use crate::entry::now_ms;
     use redis::cluster::{ClusterClient, ClusterConfig};
+    use redis::cluster_async::ClusterConnection;
+    use redis::RedisResult;
+
+    /// After every request has failed for this long, the cluster connection
+    /// is replaced by a new one (and again every this long while failing).
+    ///
+    /// Why: with redis-rs 1.8.1, a cluster connection under load sometimes
+    /// stays wedged after a master is killed: every request times out, for
+    /// good (tests/cluster.rs saw it in 2 of 4 runs, 30 s and more after the
+    /// replica had taken over), while a new connection works at once. Its
+    /// topology is refreshed only after errors that point at a new layout
+    /// (MOVED, READONLY), never after timeouts. A healthy failover (2 s node
+    /// timeout) is over in about 4 s; replacing a connection during one is
+    /// harmless.
+    const REPLACE_AFTER_MS: u64 = 3_000;
+
+    /// A cluster connection that replaces itself when it keeps failing.
+    pub(crate) struct Healing {
+        client: ClusterClient,
+        config: ClusterConfig,
+        current: RwLock<ClusterConnection>,
+        /// Since when (Unix ms) every request has failed; 0: the last one
+        /// succeeded.
+        failing_since_ms: AtomicU64,
+    }
+
+    impl Healing {
+        /// Runs `request` on the current connection and notes how it ended;
+        /// a request dropped unfinished (the tier's timeout) counts as failed.
+        pub(super) async fn watch<T, F, Fut>(&self, request: F) -> RedisResult<T>
+        where
+            F: FnOnce(ClusterConnection) -> Fut,
+            Fut: Future<Output = RedisResult<T>>,
+        {
+            let conn = self
+                .current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let mut outcome = Outcome(self, false);
+            let result = request(conn).await;
+            outcome.1 = true;
+            if result.is_ok() {
+                self.failing_since_ms.store(0, Ordering::Relaxed);
+            } else {
+                self.failed();
+            }
+            result
+        }
+
+        fn failed(&self) {
+            let now = now_ms().max(1);
+            let since = match self.failing_since_ms.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(since) => since,
+            };
+            if now.saturating_sub(since) < REPLACE_AFTER_MS
+                || self
+                    .failing_since_ms
+                    .compare_exchange(since, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                return; // not yet, or another request replaces it
+            }
+            let fresh = self
+                .client
+                .get_pending_async_connection_with_config(self.config.clone());
+            *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+            tracing::warn!(
+                "every Redis Cluster request failed for {} s; opened a new cluster connection (it reads the topology from the configured nodes)",
+                REPLACE_AFTER_MS / 1000
+            );
+        }
+    }
+
+    /// Counts a request that never finished as failed.
+    struct Outcome<'a>(&'a Healing, bool);
+
+    impl Drop for Outcome<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.failed();
+            }
+        }
+    }
 
     /// How often the cluster client itself retries a request (a `MOVED` or
     /// `ASK` after resharding, `TRYAGAIN`, `CLUSTERDOWN` during a failover).
@@ -201,11 +312,17 @@ mod cluster {
         let config = ClusterConfig::new()
             .set_connection_timeout(connect_timeout)
             .set_response_timeout(timeout);
-        let conn = client.get_pending_async_connection_with_config(config);
+        let conn = client.get_pending_async_connection_with_config(config.clone());
+        let healing = Healing {
+            client,
+            config,
+            current: RwLock::new(conn),
+            failing_since_ms: AtomicU64::new(0),
+        };
         let endpoint = Endpoint::Cluster {
             nodes,
             next: std::sync::atomic::AtomicUsize::new(0),
         };
-        Ok((Conn::Cluster(conn), endpoint))
+        Ok((Conn::Cluster(std::sync::Arc::new(healing)), endpoint))
     }
 }
