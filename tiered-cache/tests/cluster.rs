@@ -384,3 +384,56 @@ async fn resharding_under_load_shows_callers_no_error() {
         .expect("join")
         .expect("redis-cli --cluster reshard");
 }
+
+/// Cluster URLs are redacted like a single Redis's: in the builder's and
+/// the cache's `Debug`, and in build errors.
+#[tokio::test]
+async fn a_password_in_a_cluster_url_never_shows() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a port")
+        .port(); // closed once the listener is dropped
+    let urls = [
+        format!("redis://:secret@127.0.0.1:{port}"),
+        format!("redis://:secret@127.0.0.1:{}", port.wrapping_add(1)),
+    ];
+    let builder = TieredCache::builder()
+        .redis_cluster(urls.clone())
+        .l2_timeout(Duration::from_millis(200))
+        .require_l2(true);
+    let shown = format!("{builder:?}");
+    assert!(!shown.contains("secret"), "builder Debug: {shown}");
+    let err = builder
+        .build()
+        .await
+        .expect_err("require_l2 with no cluster there fails the build");
+    assert!(err.is_l2(), "{err:?}");
+    let mut text = String::new();
+    let mut next: Option<&dyn std::error::Error> = Some(&err);
+    while let Some(e) = next {
+        text.push_str(&format!("{e}\n{e:?}\n"));
+        next = e.source();
+    }
+    assert!(!text.contains("secret"), "error: {text}");
+
+    let cache = TieredCache::builder()
+        .redis_cluster(urls)
+        .l2_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("without require_l2 it builds, L1 only for now");
+    assert!(!format!("{cache:?}").contains("secret"));
+
+    let err = TieredCache::builder()
+        .redis_cluster(["redis://:secret@127.0.0.1:notaport"])
+        .build()
+        .await
+        .expect_err("invalid URL");
+    assert!(!format!("{err} {err:?}").contains("secret"), "{err:?}");
+    let err = TieredCache::builder()
+        .redis_cluster(Vec::<String>::new())
+        .build()
+        .await
+        .expect_err("no URL");
+    println!("{err}");
+}
