@@ -92,13 +92,8 @@ impl ConnectionLike for Conn {
 /// What the tier knows of its target besides the connection.
 pub(crate) enum Endpoint {
     Single(Box<Client>),
-    /// The seed nodes, each a client for a subscriber connection.
     #[cfg(feature = "cluster")]
-    Cluster {
-        nodes: Vec<Client>,
-        /// The node the next subscriber connects to (round robin).
-        next: std::sync::atomic::AtomicUsize,
-    },
+    Cluster(std::sync::Arc<cluster::Nodes>),
 }
 
 impl Endpoint {
@@ -107,22 +102,36 @@ impl Endpoint {
         match self {
             Endpoint::Single(client) => client.get_connection_info().redis_settings().db(),
             #[cfg(feature = "cluster")]
-            Endpoint::Cluster { .. } => 0,
+            Endpoint::Cluster(_) => 0,
         }
     }
 
     /// A client for the backplane's next subscriber connection, in RESP2
     /// (`pubsub.rs` says why). On a cluster, any node will do: a classic
     /// `PUBLISH` reaches the subscribers of every node over the cluster
-    /// bus. Each call picks the next seed node, so a subscriber that lost
+    /// bus. Each call picks the next known node (the configured ones, then
+    /// those learned with [`L2::learn_nodes`]), so a subscriber that lost
     /// its node (killed, failed over) resubscribes on another.
-    pub(crate) fn subscriber(&self) -> Client {
+    pub(crate) fn subscriber(&self) -> Option<Client> {
         match self {
-            Endpoint::Single(client) => resp2(client),
+            Endpoint::Single(client) => Some(resp2(client)),
             #[cfg(feature = "cluster")]
-            Endpoint::Cluster { nodes, next } => {
-                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                resp2(&nodes[n % nodes.len()])
+            Endpoint::Cluster(nodes) => nodes.next_client(),
+        }
+    }
+}
+
+impl super::L2 {
+    /// On a cluster, asks it which nodes serve slots now (`CLUSTER SLOTS`),
+    /// so that subscribers and replacement connections can reach nodes
+    /// beyond the configured ones (one seed URL is enough, even when that
+    /// node dies). Keeps what it knew when the cluster does not answer.
+    pub(crate) async fn learn_nodes(&self) {
+        #[cfg(feature = "cluster")]
+        if let Endpoint::Cluster(nodes) = &*self.endpoint {
+            let slots = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+            if let Ok(reply) = self.run::<Value>(&slots).await {
+                nodes.learn(&reply);
             }
         }
     }
@@ -183,7 +192,7 @@ mod cluster {
     use crate::entry::now_ms;
     use redis::cluster::{ClusterClient, ClusterConfig};
     use redis::cluster_async::ClusterConnection;
-    use redis::RedisResult;
+    use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisResult};
 
     /// After every request has failed for this long, the cluster connection
     /// is replaced by a new one (and again every this long while failing).
@@ -198,10 +207,145 @@ mod cluster {
     /// harmless.
     const REPLACE_AFTER_MS: u64 = 3_000;
 
+    /// The nodes connections may be opened to: the configured seeds, then
+    /// the nodes the cluster said serve slots (same user, password, TLS).
+    pub(crate) struct Nodes {
+        seeds: Vec<ConnectionInfo>,
+        known: RwLock<Vec<ConnectionInfo>>,
+        /// The node the next subscriber connects to (round robin).
+        next: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Nodes {
+        fn all(&self) -> Vec<ConnectionInfo> {
+            self.known
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+
+        pub(super) fn next_client(&self) -> Option<Client> {
+            let all = self.all();
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let info = all.get(n % all.len().max(1))?.clone();
+            Client::open(info).ok().map(|client| resp2(&client))
+        }
+
+        /// Learns the nodes of a `CLUSTER SLOTS` reply: the seeds stay
+        /// first, then every node named there that is not a seed.
+        pub(crate) fn learn(&self, reply: &Value) {
+            let mut all = self.seeds.clone();
+            for (host, port) in slot_nodes(reply) {
+                if all.iter().any(|info| same_node(info.addr(), &host, port)) {
+                    continue;
+                }
+                let mut addr = self.seeds[0].addr().clone();
+                match &mut addr {
+                    ConnectionAddr::Tcp(h, p)
+                    | ConnectionAddr::TcpTls {
+                        host: h, port: p, ..
+                    } => {
+                        *h = host;
+                        *p = port;
+                    }
+                    _ => continue,
+                }
+                all.push(self.seeds[0].clone().set_addr(addr));
+            }
+            *self.known.write().unwrap_or_else(PoisonError::into_inner) = all;
+        }
+    }
+
+    #[cfg(test)]
+    impl Nodes {
+        pub(crate) fn for_test(urls: &[&str]) -> Nodes {
+            let seeds: Vec<ConnectionInfo> = urls
+                .iter()
+                .map(|url| url.into_connection_info().expect("a valid URL"))
+                .collect();
+            Nodes {
+                known: RwLock::new(seeds.clone()),
+                seeds,
+                next: std::sync::atomic::AtomicUsize::new(0),
+            }
+        }
+
+        pub(crate) fn addresses(&self) -> Vec<String> {
+            self.all()
+                .iter()
+                .map(|info| info.addr().to_string())
+                .collect()
+        }
+    }
+
+    fn same_node(addr: &ConnectionAddr, host: &str, port: u16) -> bool {
+        match addr {
+            ConnectionAddr::Tcp(h, p)
+            | ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => h == host && *p == port,
+            _ => false,
+        }
+    }
+
+    /// `(host, port)` of every node in a `CLUSTER SLOTS` reply:
+    /// `[[start, end, [host, port, id, ..], [host, port, id, ..]..]..]`.
+    fn slot_nodes(reply: &Value) -> Vec<(String, u16)> {
+        let Value::Array(ranges) = reply else {
+            return Vec::new();
+        };
+        let mut nodes = Vec::new();
+        for range in ranges {
+            let Value::Array(parts) = range else { continue };
+            for node in parts.iter().skip(2) {
+                let Value::Array(node) = node else { continue };
+                let host = match node.first() {
+                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    Some(Value::SimpleString(s)) => s.clone(),
+                    _ => continue,
+                };
+                let Some(Value::Int(port)) = node.get(1) else {
+                    continue;
+                };
+                if let (false, Ok(port)) = (host.is_empty() || host == "?", u16::try_from(*port)) {
+                    if !nodes.contains(&(host.clone(), port)) {
+                        nodes.push((host, port));
+                    }
+                }
+            }
+        }
+        nodes
+    }
+
+    /// How the cluster client is made, so that a replacement is made alike.
+    struct Settings {
+        timeout: Duration,
+        connect_timeout: Duration,
+    }
+
+    impl Settings {
+        fn client(&self, nodes: Vec<ConnectionInfo>) -> RedisResult<ClusterClient> {
+            ClusterClient::builder(nodes)
+                .retries(RETRIES)
+                .min_retry_wait(MIN_RETRY_WAIT_MS)
+                .max_retry_wait(MAX_RETRY_WAIT_MS)
+                .connection_timeout(self.connect_timeout)
+                .response_timeout(self.timeout)
+                .overall_response_timeout(Some(self.timeout))
+                .build()
+        }
+
+        fn config(&self) -> ClusterConfig {
+            ClusterConfig::new()
+                .set_connection_timeout(self.connect_timeout)
+                .set_response_timeout(self.timeout)
+        }
+    }
+
     /// A cluster connection that replaces itself when it keeps failing.
     pub(crate) struct Healing {
-        client: ClusterClient,
-        config: ClusterConfig,
+        settings: Settings,
+        nodes: std::sync::Arc<Nodes>,
         current: RwLock<ClusterConnection>,
         /// Since when (Unix ms) every request has failed; 0: the last one
         /// succeeded.
@@ -251,9 +395,12 @@ mod cluster {
             {
                 return; // not yet, or another request replaces it
             }
-            let fresh = self
-                .client
-                .get_pending_async_connection_with_config(self.config.clone());
+            // From every node known, not only the seeds: a seed may be the
+            // node that died.
+            let Ok(client) = self.settings.client(self.nodes.all()) else {
+                return;
+            };
+            let fresh = client.get_pending_async_connection_with_config(self.settings.config());
             *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
             tracing::warn!(
                 "every Redis Cluster request failed for {} s; opened a new cluster connection (it reads the topology from the configured nodes)",
@@ -293,36 +440,90 @@ mod cluster {
                 "redis_cluster needs the URL of at least one cluster node",
             ));
         }
-        let nodes = urls.iter().map(open).collect::<Result<Vec<_>, _>>()?;
-        let client = ClusterClient::builder(urls.iter().map(RedisUrl::as_secret_str))
-            .retries(RETRIES)
-            .min_retry_wait(MIN_RETRY_WAIT_MS)
-            .max_retry_wait(MAX_RETRY_WAIT_MS)
-            .connection_timeout(connect_timeout)
-            .response_timeout(timeout)
-            .overall_response_timeout(Some(timeout))
-            .build()
+        for url in urls {
+            open(url)?; // the same checks and message as for one Redis
+        }
+        let seeds = urls
+            .iter()
+            .map(|url| url.as_secret_str().into_connection_info())
+            .collect::<RedisResult<Vec<_>>>()
             .map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    "the Redis Cluster URLs are not valid (all nodes need the same user, password, TLS mode and protocol; no unix sockets)",
-                )
-                .with_source(redact(e))
+                Error::new(ErrorKind::Config, "a Redis Cluster URL is not valid")
+                    .with_source(redact(e))
             })?;
-        let config = ClusterConfig::new()
-            .set_connection_timeout(connect_timeout)
-            .set_response_timeout(timeout);
-        let conn = client.get_pending_async_connection_with_config(config.clone());
+        let settings = Settings {
+            timeout,
+            connect_timeout,
+        };
+        let client = settings.client(seeds.clone()).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                "the Redis Cluster URLs are not valid (all nodes need the same user, password, TLS mode and protocol; no unix sockets)",
+            )
+            .with_source(redact(e))
+        })?;
+        let conn = client.get_pending_async_connection_with_config(settings.config());
+        let nodes = std::sync::Arc::new(Nodes {
+            known: RwLock::new(seeds.clone()),
+            seeds,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        });
         let healing = Healing {
-            client,
-            config,
+            settings,
+            nodes: std::sync::Arc::clone(&nodes),
             current: RwLock::new(conn),
             failing_since_ms: AtomicU64::new(0),
         };
-        let endpoint = Endpoint::Cluster {
-            nodes,
-            next: std::sync::atomic::AtomicUsize::new(0),
-        };
-        Ok((Conn::Cluster(std::sync::Arc::new(healing)), endpoint))
+        Ok((
+            Conn::Cluster(std::sync::Arc::new(healing)),
+            Endpoint::Cluster(nodes),
+        ))
+    }
+}
+
+#[cfg(all(test, feature = "cluster"))]
+mod tests {
+    use super::cluster::*;
+    use redis::Value;
+
+    fn node(host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::BulkString(host.as_bytes().to_vec()),
+            Value::Int(port),
+            Value::BulkString(b"id".to_vec()),
+        ])
+    }
+
+    #[test]
+    fn the_nodes_of_a_cluster_slots_reply_are_learned_after_the_seeds() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("127.0.0.1", 7001),
+                node("127.0.0.1", 7004),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(16383),
+                node("127.0.0.1", 7002),
+                node("", 7005), // no known endpoint: skipped
+                node("127.0.0.1", 7001),
+            ]),
+        ]);
+        let nodes = Nodes::for_test(&["redis://:pw@127.0.0.1:7004"]);
+        nodes.learn(&reply);
+        let ports: Vec<String> = nodes.addresses();
+        assert_eq!(
+            ports,
+            ["127.0.0.1:7004", "127.0.0.1:7001", "127.0.0.1:7002"],
+            "the seed first, each node once"
+        );
+        nodes.learn(&Value::Nil);
+        assert_eq!(
+            nodes.addresses(),
+            ["127.0.0.1:7004"],
+            "a bad reply leaves the seeds"
+        );
     }
 }

@@ -63,7 +63,12 @@ impl L2 {
         channel: &str,
         within: Duration,
     ) -> Result<(Health, Messages), SubscribeFault> {
-        let client = self.endpoint.subscriber();
+        // On a cluster, first learn which nodes there are now (any of them
+        // will do, and the one subscribed to before may be gone).
+        self.learn_nodes().await;
+        let Some(client) = self.endpoint.subscriber() else {
+            return Err(SubscribeFault::Failed);
+        };
         let connect = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
