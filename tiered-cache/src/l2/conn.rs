@@ -353,8 +353,11 @@ mod cluster {
     }
 
     impl Healing {
-        /// Runs `request` on the current connection and notes how it ended;
-        /// a request dropped unfinished (the tier's timeout) counts as failed.
+        /// Runs `request` on the current connection and notes how it ended:
+        /// a connection failure, a timeout, a cluster that cannot serve
+        /// (`CLUSTERDOWN`, `TRYAGAIN`), or a request dropped unfinished (the
+        /// tier's timeout) counts as failed; an answer, even an error reply
+        /// about the command, as working.
         pub(super) async fn watch<T, F, Fut>(&self, request: F) -> RedisResult<T>
         where
             F: FnOnce(ClusterConnection) -> Fut,
@@ -368,10 +371,14 @@ mod cluster {
             let mut outcome = Outcome(self, false);
             let result = request(conn).await;
             outcome.1 = true;
-            if result.is_ok() {
-                self.failing_since_ms.store(0, Ordering::Relaxed);
-            } else {
-                self.failed();
+            match &result {
+                // An error reply about this command (NOPERM, WRONGTYPE) came
+                // over a working connection.
+                Ok(_) => self.failing_since_ms.store(0, Ordering::Relaxed),
+                Err(e) if super::super::is_about_the_command(e) => {
+                    self.failing_since_ms.store(0, Ordering::Relaxed);
+                }
+                Err(_) => self.failed(),
             }
             result
         }
