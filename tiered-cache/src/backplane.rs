@@ -29,6 +29,18 @@
 //! The subscriber is a dedicated RESP2 pub/sub connection (`l2/pubsub.rs`
 //! says why), which this module reconnects itself.
 //!
+//! # On a Redis Cluster
+//! Classic pub/sub: the `PUBLISH` goes to the master of the channel's slot,
+//! which broadcasts it to every node over the cluster bus, so the
+//! subscriber may listen on any one node. Each (re)subscription goes to the
+//! next of the configured nodes, so a subscriber whose node died (or was
+//! failed over, or paused past the health check) comes back on another one,
+//! with a gap counted and L1 cleared as above. Sharded pub/sub
+//! (`SSUBSCRIBE`, Redis 7) would keep each message within one shard instead
+//! of the whole bus; it needs RESP3 and the cluster connection in redis-rs
+//! 1.8, whose resubscription after a failover is unconfirmed
+//! (NOTES-wave2 §4). Measuring the two is a later step.
+//!
 //! Publishing goes through the L2 tier's multiplexed connection, under its
 //! timeout and error accounting.
 

@@ -11,7 +11,7 @@ use crate::error::{Error, ErrorKind};
 use crate::events::LogLimit;
 use crate::fleet::FleetWaits;
 use crate::l1::L1;
-use crate::l2::{L2Config, RedisUrl, L2};
+use crate::l2::{L2Config, RedisUrl, Target, L2};
 use crate::limit::{LoadLimit, MAX_LOADS};
 use crate::options::EntryOptions;
 use crate::stats::Stats;
@@ -32,8 +32,8 @@ pub struct TieredCacheBuilder {
     namespace: String,
     l1_max_bytes: u64,
     l1_ttl_cap: Option<Duration>,
-    /// Its `Debug` hides the password: the builder derives `Debug`.
-    redis_url: Option<RedisUrl>,
+    /// Its `Debug` hides passwords: the builder derives `Debug`.
+    redis: Option<Target>,
     l2_timeout: Duration,
     background_timeout: Duration,
     backplane: bool,
@@ -51,7 +51,7 @@ impl Default for TieredCacheBuilder {
             namespace: "tc".to_owned(),
             l1_max_bytes: 64 << 20,
             l1_ttl_cap: None,
-            redis_url: None,
+            redis: None,
             l2_timeout: Duration::from_millis(250),
             background_timeout: Duration::from_secs(30),
             backplane: true,
@@ -99,7 +99,25 @@ impl TieredCacheBuilder {
     /// Redis URL of the shared tier (`redis://[:password@]host:port[/db]`;
     /// `rediss://` with the `tls` feature). Default: none, the cache is L1-only.
     pub fn redis(mut self, url: impl Into<String>) -> Self {
-        self.redis_url = Some(RedisUrl::new(url.into()));
+        self.redis = Some(Target::Single(RedisUrl::new(url.into())));
+        self
+    }
+
+    /// A Redis Cluster as the shared tier, from the URLs of some of its
+    /// nodes (`redis://[:password@]host:port`; the client learns the rest,
+    /// and follows resharding and failovers). Every node needs the same
+    /// user, password and TLS mode. The backplane subscribes on one of
+    /// these nodes at a time and moves to the next when it loses it, so
+    /// give more than one. Replaces [`redis`](Self::redis).
+    /// Default: none, the cache is L1-only.
+    #[cfg(feature = "cluster")]
+    pub fn redis_cluster<I>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let urls = urls.into_iter().map(|url| RedisUrl::new(url.into()));
+        self.redis = Some(Target::Cluster(urls.collect()));
         self
     }
 
@@ -233,10 +251,10 @@ impl TieredCacheBuilder {
         if self.stats_per_entity {
             stats.by_entity.enable(&self.namespace);
         }
-        let l2 = match &self.redis_url {
-            Some(url) => {
+        let l2 = match &self.redis {
+            Some(target) => {
                 let config = L2Config {
-                    url: url.clone(),
+                    target: target.clone(),
                     namespace: self.namespace.clone(),
                     timeout: self.l2_timeout,
                     breaker: self.breaker,

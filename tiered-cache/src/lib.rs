@@ -84,6 +84,16 @@
 //! until then its L1 serves entries at most up to
 //! [`l1_ttl_cap`](TieredCacheBuilder::l1_ttl_cap).
 //!
+//! **Redis Cluster** (feature `cluster`,
+//! `TieredCacheBuilder::redis_cluster`). The same cache on a cluster: each
+//! command goes to the master of its keys' slot, and multi-key reads are
+//! split per slot by the client, never `CROSSSLOT`; an entry's version
+//! counter shares its slot, so the compare-and-set scripts run as they do on
+//! one Redis. Resharding and failover are followed by the client; while a
+//! shard has no master, its keys are served from L1 and the loader, like any
+//! Redis outage. The backplane uses classic pub/sub, which the cluster bus
+//! carries to every node, and subscribes on one node at a time.
+//!
 //! # Tour
 //!
 //! ```

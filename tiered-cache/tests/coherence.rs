@@ -3,7 +3,10 @@
 //! Several `TieredCache`s in one process, each with its own connections to
 //! one test `redis-server`, stand in for the replicas of a service. Each test
 //! counts what happened: values read, `stats.invalidations_received`,
-//! `stats.backplane_gaps`, and Redis's own `INFO commandstats`.
+//! `stats.backplane_gaps`, and Redis's own `INFO commandstats`. Most run on
+//! a Redis Cluster too (`on_both_backends!`), where a message published on
+//! one master reaches subscribers on every node over the cluster bus; the
+//! cluster's failover is in `cluster.rs`.
 //!
 //! Timings (A's call to B's L1 drop) are printed, never asserted; run with
 //! `--nocapture` to see them. The one time bound asserted is the issue's:
@@ -18,10 +21,23 @@ use std::time::{Duration, Instant};
 
 use support::{
     builder_on, cache_on as instance, command_calls, conn, item, reset_command_stats, server,
-    until_within,
+    subscribers, until_within, Backend, TestRedis,
 };
 use tiered_cache::testkit::RedisServer;
 use tiered_cache::{EntryOptions, Key, TieredCache, TieredCacheBuilder};
+
+crate::on_both_backends!(
+    two_instances_never_serve_the_old_value_after_the_message,
+    four_instances_never_serve_the_old_value_after_the_message,
+    concurrent_readers_never_bring_an_old_value_back,
+    bursts_are_batched_into_few_messages,
+    a_killed_subscription_is_restored_and_l1_cleared,
+    clear_on_one_instance_empties_every_instance,
+    a_late_instance_honours_earlier_tag_invalidations,
+    with_the_backplane_off_l2_reads_still_honour_tags,
+    an_undecodable_message_clears_l1,
+    receivers_send_redis_nothing_and_nobody_scans,
+);
 
 /// Upper bound on any wait: only there to turn a hang into a failure.
 const HANG: Duration = Duration::from_secs(15);
@@ -36,7 +52,7 @@ fn opts() -> EntryOptions {
 }
 
 /// Two instances in `namespace`, built one after the other.
-async fn two(server: &RedisServer, namespace: &str) -> (TieredCache, TieredCache) {
+async fn two(server: &impl TestRedis, namespace: &str) -> (TieredCache, TieredCache) {
     (
         instance(server, namespace).await,
         instance(server, namespace).await,
@@ -45,11 +61,11 @@ async fn two(server: &RedisServer, namespace: &str) -> (TieredCache, TieredCache
 
 /// An instance in `namespace` that neither publishes nor subscribes: its
 /// writes stand in for messages the others miss.
-fn without_backplane(server: &RedisServer, namespace: &str) -> TieredCacheBuilder {
+fn without_backplane(server: &impl TestRedis, namespace: &str) -> TieredCacheBuilder {
     builder_on(server, namespace).backplane(false)
 }
 
-async fn instances(server: &RedisServer, namespace: &str, n: usize) -> Vec<TieredCache> {
+async fn instances(server: &impl TestRedis, namespace: &str, n: usize) -> Vec<TieredCache> {
     let mut all = Vec::with_capacity(n);
     for _ in 0..n {
         all.push(instance(server, namespace).await);
@@ -100,18 +116,13 @@ async fn a_writes_b_warms(a: &TieredCache, b: &TieredCache, key: &Key<u64>) {
     warm(b, key, 1).await;
 }
 
-fn publish_calls(server: &RedisServer) -> u64 {
+fn publish_calls(server: &impl TestRedis) -> u64 {
     command_calls(server, "publish")
 }
 
-fn pubsub_clients(server: &RedisServer) -> usize {
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query(&mut conn(server))
-        .expect("CLIENT LIST");
-    list.lines().count()
+/// The backplane subscribers of `namespace` (on a cluster: on any node).
+fn pubsub_clients(server: &impl TestRedis, namespace: &str) -> u64 {
+    subscribers(server, &format!("{namespace}:#backplane"))
 }
 
 #[derive(Default)]
@@ -133,9 +144,8 @@ impl Latencies {
 
 /// A writes; every other instance, once it has the message, reads the new
 /// value or a miss, never the old one. Returns the per-kind latencies.
-async fn never_the_old_value(n: usize, rounds: u64) {
-    let server = server();
-    let all = instances(&server, &format!("never-old-{n}"), n).await;
+async fn never_the_old_value(server: &Backend, n: usize, rounds: u64) {
+    let all = instances(server, &format!("never-old-{n}"), n).await;
     let (a, peers) = all.split_first().expect("instances");
     let (mut sets, mut invalidations, mut tags) = Default::default();
     let mut expected = 0; // invalidations every peer has received so far
@@ -177,16 +187,14 @@ async fn never_the_old_value(n: usize, rounds: u64) {
     tags.report(&format!("{n} instances, invalidate_tag"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_never_serve_the_old_value_after_the_message() {
+async fn two_instances_never_serve_the_old_value_after_the_message(server: &Backend) {
     let _quiet = QUIET.read().await;
-    never_the_old_value(2, 300).await;
+    never_the_old_value(server, 2, 300).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_instances_never_serve_the_old_value_after_the_message() {
+async fn four_instances_never_serve_the_old_value_after_the_message(server: &Backend) {
     let _quiet = QUIET.read().await;
-    never_the_old_value(4, 150).await;
+    never_the_old_value(server, 4, 150).await;
 }
 
 /// A keeps overwriting one key while readers on B hammer it, so B's L1
@@ -195,12 +203,10 @@ async fn four_instances_never_serve_the_old_value_after_the_message() {
 /// must not put it back into L1 just after. Whenever B has applied the
 /// messages of A's first `n` writes, a read begun after that returns a
 /// value at least `n - 1`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_readers_never_bring_an_old_value_back() {
+async fn concurrent_readers_never_bring_an_old_value_back(server: &Backend) {
     const WRITES: u64 = 3_000;
     let _quiet = QUIET.read().await;
-    let server = server();
-    let (a, b) = two(&server, "race").await;
+    let (a, b) = two(server, "race").await;
     let key = item::<u64>(1);
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = tokio::task::JoinSet::new();
@@ -245,12 +251,10 @@ async fn concurrent_readers_never_bring_an_old_value_back() {
     assert_eq!(b.get(&key).await.as_deref(), Some(&(WRITES - 1)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bursts_are_batched_into_few_messages() {
+async fn bursts_are_batched_into_few_messages(server: &Backend) {
     let _quiet = QUIET.read().await;
-    let server = server();
-    let (a, b) = two(&server, "burst").await;
-    let before = publish_calls(&server);
+    let (a, b) = two(server, "burst").await;
+    let before = publish_calls(server);
     let mut burst = tokio::task::JoinSet::new();
     for id in 0..2_000 {
         let a = a.clone();
@@ -260,7 +264,7 @@ async fn bursts_are_batched_into_few_messages() {
         done.expect("task").expect("invalidate");
     }
     await_received(&b, 2_000).await;
-    let publishes = publish_calls(&server) - before;
+    let publishes = publish_calls(server) - before;
     println!("2000 invalidations in a burst travelled in {publishes} PUBLISH commands");
     assert!(
         publishes * 2 <= 2_000,
@@ -271,13 +275,11 @@ async fn bursts_are_batched_into_few_messages() {
 
 /// `CLIENT KILL TYPE pubsub` cuts every subscriber: each resubscribes, and,
 /// since it may have missed messages, clears its L1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_subscription_is_restored_and_l1_cleared() {
+async fn a_killed_subscription_is_restored_and_l1_cleared(server: &Backend) {
     let _quiet = QUIET.read().await;
-    let server = server();
-    let (a, b) = two(&server, "kill").await;
+    let (a, b) = two(server, "kill").await;
     // A writer that does not publish stands in for a message B misses.
-    let silent = without_backplane(&server, "kill")
+    let silent = without_backplane(server, "kill")
         .build()
         .await
         .expect("build");
@@ -285,14 +287,16 @@ async fn a_killed_subscription_is_restored_and_l1_cleared() {
     a_writes_b_warms(&a, &b, &key).await;
     silent.set(&key, 2, &opts()).await.expect("set");
     assert_eq!(b.get(&key).await.as_deref(), Some(&1), "B missed it");
-    assert_eq!(pubsub_clients(&server), 2, "one subscriber per instance");
+    assert_eq!(
+        pubsub_clients(server, "kill"),
+        2,
+        "one subscriber per instance"
+    );
 
-    let killed: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query(&mut conn(&server))
-        .expect("CLIENT KILL");
+    let killed: u64 = server
+        .on_nodes::<u64>(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"))
+        .iter()
+        .sum();
     assert_eq!(killed, 2);
     await_gap(&b, 1).await;
     await_gap(&a, 1).await;
@@ -300,7 +304,7 @@ async fn a_killed_subscription_is_restored_and_l1_cleared() {
     let l2_hits = b.stats().l2_hits;
     assert_eq!(b.get(&key).await.as_deref(), Some(&2), "L1 was cleared");
     assert_eq!(b.stats().l2_hits, l2_hits + 1);
-    assert_eq!(pubsub_clients(&server), 2, "both subscribed again");
+    assert_eq!(pubsub_clients(server, "kill"), 2, "both subscribed again");
     // And messages flow again.
     a.set(&key, 3, &opts()).await.expect("set");
     await_received(&b, 2).await;
@@ -468,13 +472,11 @@ async fn invalidating_a_tag_of_100k_entries_does_not_block_redis() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clear_on_one_instance_empties_every_instance() {
+async fn clear_on_one_instance_empties_every_instance(server: &Backend) {
     let _quiet = QUIET.read().await;
-    let server = server();
-    let all = instances(&server, "clear", 3).await;
+    let all = instances(server, "clear", 3).await;
     let (a, b, c) = (&all[0], &all[1], &all[2]);
-    let other_namespace = instance(&server, "clear-other").await;
+    let other_namespace = instance(server, "clear-other").await;
     let keys: Vec<Key<u64>> = (0..50).map(item::<u64>).collect();
     for (id, key) in keys.iter().enumerate() {
         a.set(key, id as u64, &EntryOptions::new(Duration::from_secs(300)))
@@ -497,7 +499,7 @@ async fn clear_on_one_instance_empties_every_instance() {
         assert_eq!(cache.get_many(&keys).await.iter().flatten().count(), 0);
     }
     // A fresh instance, which never heard the message, reads misses too.
-    let late = instance(&server, "clear").await;
+    let late = instance(server, "clear").await;
     assert_eq!(late.get_many(&keys).await.iter().flatten().count(), 0);
     // Other namespaces are untouched; new writes work as before.
     assert_eq!(other_namespace.get(&keys[0]).await.as_deref(), Some(&42));
@@ -510,12 +512,10 @@ async fn clear_on_one_instance_empties_every_instance() {
 
 /// An instance that started after a tag was invalidated never heard the
 /// message: it must still not accept entries stamped before it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_instance_honours_earlier_tag_invalidations() {
+async fn a_late_instance_honours_earlier_tag_invalidations(server: &Backend) {
     let _quiet = QUIET.read().await;
-    let server = server();
-    let a = instance(&server, "late").await;
-    let silent = without_backplane(&server, "late")
+    let a = instance(server, "late").await;
+    let silent = without_backplane(server, "late")
         .build()
         .await
         .expect("build");
@@ -527,19 +527,17 @@ async fn a_late_instance_honours_earlier_tag_invalidations() {
         .invalidate_tag("items")
         .await
         .expect("invalidate_tag");
-    let late = instance(&server, "late").await;
+    let late = instance(server, "late").await;
     assert_eq!(late.get(&key).await, None, "stale by its tag stamp");
     assert_eq!(late.stats().tag_stale_drops, 1);
 }
 
 /// With the backplane off nothing is sent or received, and L2 reads check
 /// tag versions in Redis instead of trusting what the instance knew.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_backplane_off_l2_reads_still_honour_tags() {
+async fn with_the_backplane_off_l2_reads_still_honour_tags(server: &Backend) {
     let _quiet = QUIET.read().await;
-    let server = server();
-    let (a, b) = two(&server, "off").await;
-    let off = without_backplane(&server, "off")
+    let (a, b) = two(server, "off").await;
+    let off = without_backplane(server, "off")
         .l1_max_bytes(0)
         .build()
         .await
@@ -548,35 +546,33 @@ async fn with_the_backplane_off_l2_reads_still_honour_tags() {
     a.set(&key, 1, &opts()).await.expect("set");
     await_received(&b, 1).await;
     assert_eq!(off.get(&key).await.as_deref(), Some(&1));
-    let publishes = publish_calls(&server);
+    let publishes = publish_calls(server);
     a.invalidate_tag("items").await.expect("invalidate_tag");
     assert_eq!(off.get(&key).await, None, "no message, still a miss");
     await_received(&b, 2).await;
     off.invalidate(&key).await.expect("invalidate");
     off.clear().await.expect("clear");
     assert_eq!(
-        publish_calls(&server),
+        publish_calls(server),
         publishes + 1,
         "only A published (its tag invalidation)"
     );
     assert_eq!(off.stats().invalidations_received, 0);
-    assert_eq!(pubsub_clients(&server), 2, "only A and B subscribe");
+    assert_eq!(pubsub_clients(server, "off"), 2, "only A and B subscribe");
 }
 
 /// Messages that do not decode (another version on the same namespace)
 /// make the receiver clear its L1 rather than guess.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undecodable_message_clears_l1() {
+async fn an_undecodable_message_clears_l1(server: &Backend) {
     let _quiet = QUIET.read().await;
-    let server = server();
-    let (a, b) = two(&server, "garbage").await;
+    let (a, b) = two(server, "garbage").await;
     let key = item::<u64>(1);
     a_writes_b_warms(&a, &b, &key).await;
-    let _: u64 = redis::cmd("PUBLISH")
-        .arg("garbage:#backplane")
-        .arg(b"\xff not a message".as_slice())
-        .query(&mut conn(&server))
-        .expect("PUBLISH");
+    let _: u64 = server.query(
+        redis::cmd("PUBLISH")
+            .arg("garbage:#backplane")
+            .arg(b"\xff not a message".as_slice()),
+    );
     await_gap(&b, 1).await;
     let l2_hits = b.stats().l2_hits;
     assert_eq!(b.get(&key).await.as_deref(), Some(&1));
@@ -586,11 +582,9 @@ async fn an_undecodable_message_clears_l1() {
 /// A received invalidation touches only the receiver's L1: the sender
 /// already wrote Redis, so the receivers send no command of their own, and
 /// nothing on the invalidation path scans the keyspace.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receivers_send_redis_nothing_and_nobody_scans() {
+async fn receivers_send_redis_nothing_and_nobody_scans(server: &Backend) {
     let _quiet = QUIET.read().await;
-    let server = server();
-    let all = instances(&server, "quiet-receivers", 4).await;
+    let all = instances(server, "quiet-receivers", 4).await;
     let (a, others) = all.split_first().expect("four instances");
     let key = item::<u64>(1);
     a.set(&key, 1, &opts()).await.expect("set");
@@ -599,7 +593,7 @@ async fn receivers_send_redis_nothing_and_nobody_scans() {
         warm(b, &key, 1).await;
     }
     let before: Vec<u64> = others.iter().map(received).collect();
-    reset_command_stats(&server);
+    reset_command_stats(server);
 
     a.invalidate(&key).await.expect("invalidate");
     a.invalidate_tag("items").await.expect("invalidate_tag");
@@ -608,27 +602,27 @@ async fn receivers_send_redis_nothing_and_nobody_scans() {
         await_received(b, seen + 3).await;
     }
     assert_eq!(
-        command_calls(&server, "unlink"),
+        command_calls(server, "unlink"),
         1,
         "only the sender deletes"
     );
     // The sender's three scripts (the key's delete and version bump, the
     // tag's bump, the namespace epoch's bump) read their counter once each
     // and the key's script writes its version; nobody else reads or writes.
-    let scripts = command_calls(&server, "evalsha") + command_calls(&server, "eval");
+    let scripts = command_calls(server, "evalsha") + command_calls(server, "eval");
     assert_eq!(
         scripts, 3,
         "one script per invalidate / invalidate_tag / clear"
     );
     assert_eq!(
-        command_calls(&server, "get"),
+        command_calls(server, "get"),
         scripts,
         "only the sender's scripts read"
     );
-    assert_eq!(command_calls(&server, "set"), 1, "the key's new version");
+    assert_eq!(command_calls(server, "set"), 1, "the key's new version");
     for command in ["del", "mget", "scan", "keys"] {
         assert_eq!(
-            command_calls(&server, command),
+            command_calls(server, command),
             0,
             "no {command} on the invalidation path"
         );

@@ -1,7 +1,8 @@
 //! The read path against a real Redis: negative caching and TTL jitter.
 //! Every test counts what happened (loader calls, the cache's counters,
 //! what Redis holds). Single-flight, early refresh and fail-safe, and batch
-//! reads have files of their own.
+//! reads have files of their own. Each test runs on a Redis of its own and
+//! on a Redis Cluster.
 
 mod support;
 
@@ -9,9 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{cache_on, counter, exists, item, redis_key, DbError, Item};
-use tiered_cache::testkit::RedisServer;
+use support::{cache_on, counter, exists, item, redis_key, Backend, DbError, Item, TestRedis};
 use tiered_cache::{EntryOptions, TieredCache};
+
+crate::on_both_backends!(
+    a_none_is_cached_only_with_a_negative_ttl,
+    jitter_spreads_expiries
+);
 
 // ---------------------------------------------------------------- negative caching, jitter
 
@@ -33,10 +38,8 @@ async fn load_nothing(
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_none_is_cached_only_with_a_negative_ttl() {
-    let server = RedisServer::start().expect("redis-server");
-    let cache = cache_on(&server, "negative").await;
+async fn a_none_is_cached_only_with_a_negative_ttl(backend: &Backend) {
+    let cache = cache_on(backend, "negative").await;
     let (on, off) = (item(1), item(2));
     let calls = counter();
 
@@ -46,11 +49,11 @@ async fn a_none_is_cached_only_with_a_negative_ttl() {
     assert_eq!(calls.load(SeqCst), 1, "the second call hit the cached None");
     assert_eq!(cache.stats().negative_hits, 1);
     assert!(
-        exists(&server, &redis_key("negative", &on)),
+        exists(backend, &redis_key("negative", &on)),
         "the None is in Redis too"
     );
     // Another instance finds it in Redis.
-    let other = cache_on(&server, "negative").await;
+    let other = cache_on(backend, "negative").await;
     assert_eq!(load_nothing(&other, &on, &negative, &calls).await, None);
     assert_eq!(calls.load(SeqCst), 1);
     assert_eq!(other.stats().negative_hits, 1);
@@ -64,26 +67,20 @@ async fn a_none_is_cached_only_with_a_negative_ttl() {
         2,
         "without a negative TTL, None is not cached"
     );
-    assert!(!exists(&server, &redis_key("negative", &off)));
+    assert!(!exists(backend, &redis_key("negative", &off)));
     assert_eq!(cache.stats().negative_hits, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jitter_spreads_expiries() {
-    let server = RedisServer::start().expect("redis-server");
-    let cache = cache_on(&server, "jitter").await;
+async fn jitter_spreads_expiries(backend: &Backend) {
+    let cache = cache_on(backend, "jitter").await;
     let opts = EntryOptions::new(Duration::from_secs(10)).jitter(Duration::from_secs(5));
     let started = Instant::now();
     for n in 0..200 {
         cache.set(&item(n), format!("v{n}"), &opts).await.unwrap();
     }
-    let mut conn = server.connection().unwrap();
-    let mut pipe = redis::pipe();
-    for n in 0..200 {
-        pipe.cmd("PTTL")
-            .arg(redis_key("jitter", &item::<String>(n)));
-    }
-    let pttls: Vec<i64> = pipe.query(&mut conn).unwrap();
+    let pttls: Vec<i64> = (0..200)
+        .map(|n| backend.query(redis::cmd("PTTL").arg(redis_key("jitter", &item::<String>(n)))))
+        .collect();
     let elapsed = started.elapsed().as_millis() as i64;
     let (min, max) = (*pttls.iter().min().unwrap(), *pttls.iter().max().unwrap());
     println!(

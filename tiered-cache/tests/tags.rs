@@ -1,12 +1,20 @@
 //! Tag invalidation when things go wrong: a bump Redis could not take, and
-//! a fleet that sees millions of distinct tags.
+//! a fleet that sees millions of distinct tags. Each test runs on a Redis
+//! of its own and on a Redis Cluster, where a tag's counter and its entries
+//! live in different slots.
 
 mod support;
 
 use std::time::Duration;
 
-use support::{builder_on, item, server};
+use support::{builder_on, item, Backend, TestRedis};
 use tiered_cache::{EntryOptions, Key};
+
+crate::on_both_backends!(
+    a_failed_tag_bump_drops_what_is_there_and_nothing_later,
+    many_distinct_tags_stay_correct_as_the_tables_are_bounded,
+    get_many_reads_the_tag_versions_of_a_batch_in_one_round_trip,
+);
 
 /// [`support::opts`] with the tag "products".
 fn products() -> EntryOptions {
@@ -16,10 +24,8 @@ fn products() -> EntryOptions {
 /// A bump that fails (Redis paused) drops the tag's entries from L1, as it
 /// must, but the entries written after it are cached in L1 as usual: the
 /// failure does not keep the tag out of L1 until a restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
-    let server = server();
-    let cache = builder_on(&server, "tags-failed")
+async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later(backend: &Backend) {
+    let cache = builder_on(backend, "tags-failed")
         .l2_timeout(Duration::from_millis(100))
         .build()
         .await
@@ -29,7 +35,7 @@ async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
         .await
         .expect("set");
 
-    server.pause().expect("SIGSTOP");
+    backend.pause();
     assert!(
         cache.invalidate_tag("products").await.is_err(),
         "Redis could not be told"
@@ -41,7 +47,7 @@ async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
         before.l1_hits,
         "the tag's entry left L1"
     );
-    server.resume().expect("SIGCONT");
+    backend.resume();
     // One timeout does not open the breaker (5 in a row do): Redis is used
     // again at once; the pause only lets the late replies drain.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -63,10 +69,8 @@ async fn a_failed_tag_bump_drops_what_is_there_and_nothing_later() {
 /// tags.rs count them with a million tags); here, against Redis, what
 /// matters to a user: an entry of an early-invalidated tag stays a miss,
 /// and entries written afterwards are L1 hits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_distinct_tags_stay_correct_as_the_tables_are_bounded() {
-    let server = server();
-    let cache = builder_on(&server, "tags-many")
+async fn many_distinct_tags_stay_correct_as_the_tables_are_bounded(backend: &Backend) {
+    let cache = builder_on(backend, "tags-many")
         .build()
         .await
         .expect("build");
@@ -93,11 +97,11 @@ async fn many_distinct_tags_stay_correct_as_the_tables_are_bounded() {
 
 /// With the backplane off, tag versions are read from Redis before an entry
 /// read from Redis is judged. A batch of 50 entries with 50 distinct tags
-/// reads them in one MGET, not one per entry.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_many_reads_the_tag_versions_of_a_batch_in_one_round_trip() {
-    let server = server();
-    let writer = builder_on(&server, "tags-batch")
+/// reads them in one MGET, not one per entry (on a cluster, one MGET is
+/// one per slot of its keys: redis-rs splits it, and never sends a
+/// CROSSSLOT one).
+async fn get_many_reads_the_tag_versions_of_a_batch_in_one_round_trip(backend: &Backend) {
+    let writer = builder_on(backend, "tags-batch")
         .build()
         .await
         .expect("build");
@@ -106,17 +110,26 @@ async fn get_many_reads_the_tag_versions_of_a_batch_in_one_round_trip() {
         let opts = EntryOptions::new(Duration::from_secs(300)).tag(format!("category:{id}"));
         writer.set(key, id, &opts).await.expect("set");
     }
-    let reader = builder_on(&server, "tags-batch")
+    let reader = builder_on(backend, "tags-batch")
         .backplane(false)
         .build()
         .await
         .expect("build");
-    support::reset_command_stats(&server);
+    support::reset_command_stats(backend);
     let got = reader.get_many(&keys).await;
     assert!(got.iter().all(Option::is_some), "{:?}", reader.stats());
+    assert_eq!(reader.stats().l2_errors, 0, "{:?}", reader.stats());
+    let entries: Vec<String> = keys
+        .iter()
+        .map(|key| support::redis_key("tags-batch", key))
+        .collect();
+    // The namespace's epoch and the tags' counters (`tags.rs`, `tag_key`).
+    let counters: Vec<String> = std::iter::once("tags-batch:#epoch".to_owned())
+        .chain((0..50).map(|id| format!("tags-batch:#tag:category%3A{id}")))
+        .collect();
     assert_eq!(
-        support::command_calls(&server, "mget"),
-        2,
+        support::command_calls(backend, "mget"),
+        backend.mgets_for(&entries) + backend.mgets_for(&counters),
         "one MGET for the entries, one for all their tags"
     );
 }

@@ -1,5 +1,6 @@
-//! The shared tier: Redis through one multiplexed, self-reconnecting
-//! connection. All Redis traffic of the cache goes through this module.
+//! The shared tier: Redis (or a Redis Cluster, `conn.rs`) through one
+//! multiplexed, self-reconnecting connection. All Redis traffic of the
+//! cache goes through this module.
 //!
 //! Every command runs under the configured timeout, so a slow or paused Redis
 //! costs a request at most that long. Failures are returned to the read path,
@@ -10,8 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Cmd, FromRedisValue, RedisError};
+use redis::{Cmd, FromRedisValue, RedisError};
 
 use crate::breaker::{Breaker, BreakerSettings, Verdict};
 use crate::error::{Error, ErrorKind};
@@ -19,10 +19,13 @@ use crate::events::Event;
 use crate::stats::Stats;
 
 pub(crate) mod budget;
+mod conn;
 mod lock;
 mod pubsub;
 mod stream;
 
+pub(crate) use conn::Target;
+use conn::{Conn, Endpoint};
 pub(crate) use pubsub::{Health, Messages};
 pub(crate) use stream::StreamEntry;
 
@@ -121,7 +124,7 @@ fn redact_url(url: &str) -> String {
 /// Connection settings for [`L2::connect`].
 #[derive(Debug, Clone)]
 pub(crate) struct L2Config {
-    pub(crate) url: RedisUrl,
+    pub(crate) target: Target,
     pub(crate) namespace: String,
     pub(crate) timeout: Duration,
     pub(crate) breaker: BreakerSettings,
@@ -130,9 +133,9 @@ pub(crate) struct L2Config {
 /// The Redis tier.
 #[derive(Clone)]
 pub(crate) struct L2 {
-    conn: ConnectionManager,
+    conn: Conn,
     /// For connections of other kinds (the backplane's subscriber).
-    client: Client,
+    endpoint: Arc<Endpoint>,
     namespace: Arc<str>,
     timeout: Duration,
     stats: Arc<Stats>,
@@ -156,29 +159,12 @@ impl L2 {
     /// Opens a lazily connecting, self-reconnecting connection. The returned
     /// tier works even when Redis is not reachable yet; `ping` tells.
     pub(crate) fn connect(config: &L2Config, stats: Arc<Stats>) -> Result<Self, Error> {
-        let client = Client::open(config.url.as_secret_str()).map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                "the Redis URL is not valid (expected redis://host:port/db or rediss:// with the `tls` feature)",
-            )
-            .with_source(redact(e))
-        })?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(100))))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client
-            .get_connection_manager_lazy(manager_config)
-            .map_err(|e| {
-                Error::new(ErrorKind::Config, "could not set up the Redis connection")
-                    .with_source(redact(e))
-            })?;
+        let (conn, endpoint) = conn::connect(&config.target, config.timeout)?;
         config.breaker.validate()?;
         Ok(L2 {
             stats: Arc::clone(&stats),
             conn,
-            client,
+            endpoint: Arc::new(endpoint),
             namespace: Arc::from(config.namespace.as_str()),
             timeout: config.timeout,
             failing: Arc::new(AtomicBool::new(false)),
@@ -218,7 +204,7 @@ impl L2 {
     /// earlier releases used, so a rolling deploy keeps hearing them).
     pub(crate) fn channel(&self, name: &str) -> String {
         let mut channel = self.key(name);
-        let db = self.client.get_connection_info().redis_settings().db();
+        let db = self.endpoint.db();
         if db != 0 {
             channel.push_str(&format!(":db{db}"));
         }
@@ -252,7 +238,7 @@ impl L2 {
     /// tells the breaker.
     async fn guarded<T, F, Fut>(&self, send: F) -> Result<T, L2Fault>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         let timeout = budget::time_left(self.timeout);
@@ -340,7 +326,11 @@ impl L2 {
         for body in bodies {
             cmd.arg(self.key(body));
         }
-        self.run(&cmd).await
+        let replies: Vec<Option<Vec<u8>>> = self.run(&cmd).await?;
+        if replies.len() != bodies.len() {
+            return Err(L2Fault::Malformed);
+        }
+        Ok(replies)
     }
 
     /// The values of counters (tag versions); a missing counter is 0. One MGET.

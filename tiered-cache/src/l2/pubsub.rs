@@ -14,12 +14,15 @@
 //! - a connection that hangs without closing (a paused server, a silent
 //!   network cut) is caught by a periodic `PING` on the same connection,
 //!   with a timeout, which the split sink allows beside the stream.
+//!
+//! On a Redis Cluster the connection goes to one node at a time, the next
+//! seed node on each attempt (`conn.rs`, `Endpoint::subscriber`): any node
+//! hears every classic `PUBLISH`.
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, ProtocolVersion};
 
 use super::L2;
 
@@ -60,7 +63,12 @@ impl L2 {
         channel: &str,
         within: Duration,
     ) -> Result<(Health, Messages), SubscribeFault> {
-        let client = resp2(&self.client);
+        // On a cluster, first learn which nodes there are now (any of them
+        // will do, and the one subscribed to before may be gone).
+        self.learn_nodes().await;
+        let Some(client) = self.endpoint.subscriber() else {
+            return Err(SubscribeFault::Failed);
+        };
         let connect = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
@@ -93,15 +101,4 @@ impl Health {
             Err(_) => Err("no answer to PING"),
         }
     }
-}
-
-/// The same server and settings as `client`, spoken in RESP2: `aio::PubSub`
-/// is a RESP2 connection, and a RESP2 subscriber is a `pubsub` client.
-fn resp2(client: &Client) -> Client {
-    let info = client.get_connection_info().clone();
-    let redis = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP2);
-    Client::open(info.set_redis_settings(redis)).unwrap_or_else(|_| client.clone())
 }

@@ -143,18 +143,206 @@ pub fn server() -> RedisServer {
     RedisServer::start().expect("redis-server must be installed to run these tests")
 }
 
-/// A builder for a cache in `namespace` on `server`, for a test to add its
-/// own settings to.
-pub fn builder_on(server: &RedisServer, namespace: &str) -> TieredCacheBuilder {
-    TieredCache::builder()
-        .namespace(namespace)
-        .redis(server.url())
+/// What the helpers below need of a test Redis: a single server of the
+/// test's own, or a [`Backend`] (which may be the binary's shared cluster).
+pub trait TestRedis {
+    /// A builder for a cache on this Redis, in `namespace`.
+    fn builder(&self, namespace: &str) -> TieredCacheBuilder;
+    /// Runs `cmd` where its key lives (on a cluster: on the key's master).
+    fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T;
+    /// Runs `cmd` on every master (one on a single Redis), in turn.
+    fn on_masters<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T>;
+    /// Runs `cmd` on every node, replicas too (one on a single Redis).
+    fn on_nodes<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T>;
+    /// How many MGETs Redis counts for one MGET of `redis_keys`: 1 on a
+    /// single Redis; on a cluster, one per hash slot (redis-rs splits it).
+    fn mgets_for(&self, redis_keys: &[String]) -> u64;
 }
 
-/// A new cache (empty L1) in `namespace` on `server`, default settings; it
+impl TestRedis for RedisServer {
+    fn builder(&self, namespace: &str) -> TieredCacheBuilder {
+        TieredCache::builder()
+            .namespace(namespace)
+            .redis(self.url())
+    }
+
+    fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        cmd.query(&mut conn(self))
+            .expect("a query of the test Redis")
+    }
+
+    fn on_masters<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T> {
+        vec![self.query(cmd)]
+    }
+
+    fn on_nodes<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T> {
+        vec![self.query(cmd)]
+    }
+
+    fn mgets_for(&self, redis_keys: &[String]) -> u64 {
+        u64::from(!redis_keys.is_empty())
+    }
+}
+
+/// Where a test's caches keep their L2: a `redis-server` of the test's
+/// own, or (feature `cluster`) the test binary's shared Redis Cluster,
+/// which one test uses at a time (tests count its commands).
+pub enum Backend {
+    Standalone(RedisServer),
+    #[cfg(feature = "cluster")]
+    Cluster(Box<ClusterTurn>),
+}
+
+/// The shared cluster, held by one test at a time.
+#[cfg(feature = "cluster")]
+pub struct ClusterTurn {
+    pub cluster: &'static tiered_cache::testkit::RedisCluster,
+    conn: std::sync::Mutex<redis::cluster::ClusterConnection>,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Backend {
+    /// A `redis-server` of this test's own, killed on drop.
+    pub fn standalone() -> Self {
+        Backend::Standalone(server())
+    }
+
+    /// The binary's shared cluster (started on first use), once no other
+    /// test of this binary uses it.
+    #[cfg(feature = "cluster")]
+    pub async fn cluster() -> Self {
+        static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let turn = TURN.lock().await;
+        let cluster = tiered_cache::testkit::RedisCluster::shared()
+            .expect("redis-server and redis-cli must be installed to run these tests");
+        let conn = redis::cluster::ClusterClient::new(cluster.urls())
+            .and_then(|client| client.get_connection())
+            .expect("a test connection to the cluster");
+        Backend::Cluster(Box::new(ClusterTurn {
+            cluster,
+            conn: std::sync::Mutex::new(conn),
+            _turn: turn,
+        }))
+    }
+
+    /// Freezes Redis (every master of a cluster): nothing answers.
+    pub fn pause(&self) {
+        match self {
+            Backend::Standalone(server) => server.pause().expect("SIGSTOP"),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(turn) => turn.cluster.pause_masters().expect("SIGSTOP"),
+        }
+    }
+
+    /// Thaws what [`pause`](Self::pause) froze.
+    pub fn resume(&self) {
+        match self {
+            Backend::Standalone(server) => server.resume().expect("SIGCONT"),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(turn) => turn.cluster.resume().expect("SIGCONT"),
+        }
+    }
+}
+
+impl TestRedis for Backend {
+    fn builder(&self, namespace: &str) -> TieredCacheBuilder {
+        match self {
+            Backend::Standalone(server) => server.builder(namespace),
+            #[cfg(feature = "cluster")]
+            // Six servers (three replicating every write) share the test
+            // machine's cores with the tests: a loaded CI machine must not
+            // turn into L2 timeouts that the tests would count as misses.
+            // A test that sets its own timeout overrides this.
+            Backend::Cluster(turn) => TieredCache::builder()
+                .namespace(namespace)
+                .redis_cluster(turn.cluster.urls())
+                .l2_timeout(Duration::from_secs(2)),
+        }
+    }
+
+    fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        match self {
+            Backend::Standalone(server) => server.query(cmd),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(turn) => {
+                let mut conn = turn
+                    .conn
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                cmd.query(&mut *conn).expect("a query of the test cluster")
+            }
+        }
+    }
+
+    fn on_masters<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T> {
+        match self {
+            Backend::Standalone(server) => server.on_masters(cmd),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(turn) => turn
+                .cluster
+                .for_each_master(|conn| cmd.query(conn))
+                .expect("a query of every master"),
+        }
+    }
+
+    fn on_nodes<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Vec<T> {
+        match self {
+            Backend::Standalone(server) => server.on_nodes(cmd),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(turn) => turn
+                .cluster
+                .for_each_node(|conn| cmd.query(conn))
+                .expect("a query of every node"),
+        }
+    }
+
+    fn mgets_for(&self, redis_keys: &[String]) -> u64 {
+        match self {
+            Backend::Standalone(server) => server.mgets_for(redis_keys),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(_) => {
+                let slots: std::collections::HashSet<u16> = redis_keys
+                    .iter()
+                    .map(|key| self.query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)))
+                    .collect();
+                slots.len() as u64
+            }
+        }
+    }
+}
+
+/// Generates, for each `async fn name(backend: &Backend)` named, a module
+/// `name` with two tests: `name::standalone` (on a `redis-server` of its
+/// own) and, with the feature `cluster`, `name::cluster` (on the binary's
+/// shared cluster). So one test body covers both backends.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn standalone() {
+                super::$test(&$crate::support::Backend::standalone()).await;
+            }
+
+            #[cfg(feature = "cluster")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn cluster() {
+                super::$test(&$crate::support::Backend::cluster().await).await;
+            }
+        }
+    )*};
+}
+
+/// A builder for a cache in `namespace` on `redis`, for a test to add its
+/// own settings to.
+pub fn builder_on(redis: &impl TestRedis, namespace: &str) -> TieredCacheBuilder {
+    redis.builder(namespace)
+}
+
+/// A new cache (empty L1) in `namespace` on `redis`, default settings; it
 /// fails the test if it cannot reach that Redis.
-pub async fn cache_on(server: &RedisServer, namespace: &str) -> TieredCache {
-    builder_on(server, namespace)
+pub async fn cache_on(redis: &impl TestRedis, namespace: &str) -> TieredCache {
+    builder_on(redis, namespace)
         .require_l2(true)
         .build()
         .await
@@ -172,48 +360,61 @@ pub fn redis_key<V>(namespace: &str, key: &Key<V>) -> String {
 }
 
 /// Whether Redis holds `redis_key`.
-pub fn exists(server: &RedisServer, redis_key: &str) -> bool {
-    redis::cmd("EXISTS")
-        .arg(redis_key)
-        .query::<u64>(&mut conn(server))
-        .expect("EXISTS")
-        == 1
+pub fn exists(redis: &impl TestRedis, redis_key: &str) -> bool {
+    redis.query::<u64>(redis::cmd("EXISTS").arg(redis_key)) == 1
 }
 
-/// What `INFO section` says after `field:`, if it lists the field.
-fn info_field(server: &RedisServer, section: &str, field: &str) -> Option<String> {
-    let info: String = redis::cmd("INFO")
-        .arg(section)
-        .query(&mut conn(server))
-        .expect("INFO");
+/// What `INFO section` says after `field:`, on each master.
+fn info_field(redis: &impl TestRedis, section: &str, field: &str) -> Vec<String> {
     let prefix = format!("{field}:");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map(|value| value.trim().to_owned())
+    redis
+        .on_masters::<String>(redis::cmd("INFO").arg(section))
+        .iter()
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(&prefix))
+                .map(|value| value.trim().to_owned())
+        })
+        .collect()
 }
 
 /// Calls of `command` (lower case) since the last [`reset_command_stats`],
-/// from `INFO commandstats` (`cmdstat_get:calls=5,usec=...`).
-pub fn command_calls(server: &RedisServer, command: &str) -> u64 {
-    info_field(server, "commandstats", &format!("cmdstat_{command}")).map_or(0, |stats| {
-        let calls = stats.strip_prefix("calls=").expect("calls= first");
-        let calls = calls.split(',').next().expect("a call count");
-        calls.parse().expect("a call count")
-    })
+/// from `INFO commandstats` (`cmdstat_get:calls=5,usec=...`), summed over
+/// the masters (replicas replay writes, which would count them twice).
+pub fn command_calls(redis: &impl TestRedis, command: &str) -> u64 {
+    info_field(redis, "commandstats", &format!("cmdstat_{command}"))
+        .iter()
+        .map(|stats| {
+            let calls = stats.strip_prefix("calls=").expect("calls= first");
+            let calls = calls.split(',').next().expect("a call count");
+            calls.parse::<u64>().expect("a call count")
+        })
+        .sum()
 }
 
 /// A counter of `INFO stats` (keyspace_hits, keyspace_misses, ...) since
-/// the last [`reset_command_stats`].
-pub fn info_stat(server: &RedisServer, field: &str) -> u64 {
-    info_field(server, "stats", field).map_or(0, |n| n.parse().expect("a number"))
+/// the last [`reset_command_stats`], summed over the masters.
+pub fn info_stat(redis: &impl TestRedis, field: &str) -> u64 {
+    info_field(redis, "stats", field)
+        .iter()
+        .map(|n| n.parse::<u64>().expect("a number"))
+        .sum()
 }
 
-/// `CONFIG RESETSTAT`: zeroes `INFO commandstats` and `INFO stats`.
-pub fn reset_command_stats(server: &RedisServer) {
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut conn(server))
-        .expect("CONFIG RESETSTAT");
+/// How many connections subscribe to `channel`, on all nodes together
+/// (`PUBSUB NUMSUB`).
+pub fn subscribers(redis: &impl TestRedis, channel: &str) -> u64 {
+    redis
+        .on_nodes::<(String, u64)>(redis::cmd("PUBSUB").arg("NUMSUB").arg(channel))
+        .iter()
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// `CONFIG RESETSTAT` on every master: zeroes `INFO commandstats` and
+/// `INFO stats`.
+pub fn reset_command_stats(redis: &impl TestRedis) {
+    redis.on_masters::<()>(redis::cmd("CONFIG").arg("RESETSTAT"));
 }
 
 /// Polls `cond` every millisecond until it holds; fails the test after 20 s

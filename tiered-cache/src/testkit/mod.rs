@@ -20,6 +20,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+mod cluster;
+
+pub use cluster::RedisCluster;
+
 /// A `redis-server` child process on a free loopback port.
 #[derive(Debug)]
 pub struct RedisServer {
@@ -28,6 +32,9 @@ pub struct RedisServer {
     dir: PathBuf,
     args: Vec<String>,
     tls: bool,
+    /// A Redis Cluster node: its cluster config lives in `dir`, so a
+    /// restarted node rejoins its cluster.
+    cluster: bool,
 }
 
 impl RedisServer {
@@ -60,7 +67,25 @@ impl RedisServer {
         Self::launch(&[], true)
     }
 
+    /// Starts a Redis Cluster node (not yet part of a cluster) on a free
+    /// port whose cluster bus port (port + 10000) is free too.
+    fn start_cluster_node() -> io::Result<Self> {
+        let mut last_error = None;
+        for _ in 0..5 {
+            match Self::launch_node(&[], false, true) {
+                Ok(server) => return Ok(server),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::other("redis-server did not start")))
+    }
+
     fn launch(args: &[&str], tls: bool) -> io::Result<Self> {
+        Self::launch_node(args, tls, false)
+    }
+
+    fn launch_node(args: &[&str], tls: bool, cluster: bool) -> io::Result<Self> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tiered-cache-redis-{}-{}",
@@ -73,13 +98,18 @@ impl RedisServer {
         }
         let mut last_error = None;
         for _ in 0..5 {
-            let port = free_port()?;
+            let port = if cluster {
+                free_cluster_port()?
+            } else {
+                free_port()?
+            };
             let mut server = RedisServer {
                 child: None,
                 port,
                 dir: dir.clone(),
                 args: args.iter().map(|a| (*a).to_owned()).collect(),
                 tls,
+                cluster,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -100,6 +130,13 @@ impl RedisServer {
         };
         let mut command = Command::new(&binary);
         command.args(ports).args(["--bind", "127.0.0.1"]);
+        if self.cluster {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(self.dir.join("nodes.conf"))
+                .args(["--cluster-node-timeout", "2000", "--pidfile"])
+                .arg(self.dir.join("redis.pid"));
+        }
         if self.tls {
             let file = |name: &str| self.dir.join(name).display().to_string();
             command
@@ -193,6 +230,9 @@ impl RedisServer {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            // A stale pid file would point a cluster's watchdog at whatever
+            // process gets the pid next.
+            let _ = std::fs::remove_file(self.dir.join("redis.pid"));
         }
     }
 
@@ -261,6 +301,32 @@ impl Drop for RedisServer {
 
 fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A free port P whose cluster bus port P + 10000 is free too (so P is at
+/// most 55535).
+fn free_cluster_port() -> io::Result<u16> {
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let Some(bus) = port.checked_add(10000) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Ephemeral ports are high on this system: try the low range.
+    for port in (20000..55000u16).step_by(7) {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::other(
+        "no free port pair (P, P + 10000) for a cluster node",
+    ))
 }
 
 fn listening(port: u16) -> bool {
