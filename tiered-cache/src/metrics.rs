@@ -1,8 +1,10 @@
 //! Export through the [`metrics`](https://docs.rs/metrics) facade (feature
 //! `metrics`): every counter of [`StatsSnapshot`](crate::StatsSnapshot) as
 //! `tiered_cache_<name>_total`, the gauges as `tiered_cache_<name>`
-//! (`write_queue_depth`, `breaker_state`), and the loader's duration as the
-//! histogram `tiered_cache_load_seconds`; each labelled with the cache's
+//! (`write_queue_depth`, `breaker_state`), the loader's duration as the
+//! histogram `tiered_cache_load_seconds` and each Redis request's (a
+//! pipeline or script counts once) as `tiered_cache_l2_request_seconds`;
+//! each labelled with the cache's
 //! `namespace`. Any exporter works (Prometheus, StatsD, ...): install its
 //! recorder before building the cache.
 //!
@@ -10,7 +12,7 @@
 //! add through the recorder, never a lookup or an allocation. Without the
 //! feature, every method here is an empty inline function.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::events::{Event, Gauge};
 
@@ -60,6 +62,28 @@ impl Export {
         }
     }
 
+    /// Now, if L2 latency is recorded (the feature is on and installed):
+    /// the start of one Redis request, for [`l2_time`](Self::l2_time).
+    #[inline]
+    pub(crate) fn clock(&self) -> Option<Instant> {
+        #[cfg(feature = "metrics")]
+        if self.sink.get().is_some() {
+            return Some(Instant::now());
+        }
+        None
+    }
+
+    /// One Redis request (sent at `started`, from [`clock`](Self::clock))
+    /// got its answer, or failed, now.
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn l2_time(&self, started: Option<Instant>) {
+        #[cfg(feature = "metrics")]
+        if let (Some(sink), Some(started)) = (self.sink.get(), started) {
+            sink.l2_seconds.record(started.elapsed().as_secs_f64());
+        }
+    }
+
     /// How long one loader call took.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     pub(crate) fn load_time(&self, took: Duration) {
@@ -78,6 +102,7 @@ struct Sink {
     queue_depth: metrics::Gauge,
     breaker_state: metrics::Gauge,
     load_seconds: metrics::Histogram,
+    l2_seconds: metrics::Histogram,
 }
 
 #[cfg(feature = "metrics")]
@@ -94,6 +119,7 @@ impl Sink {
             queue_depth: metrics::gauge!("tiered_cache_write_queue_depth", &label()),
             breaker_state: metrics::gauge!("tiered_cache_breaker_state", &label()),
             load_seconds: metrics::histogram!("tiered_cache_load_seconds", &label()),
+            l2_seconds: metrics::histogram!("tiered_cache_l2_request_seconds", &label()),
         }
     }
 }

@@ -105,6 +105,20 @@ async fn recorded_metrics_match_the_stats_per_namespace() {
         other => panic!("no load-time histogram: {other:?}"),
     }
     match m.get(&(
+        "tiered_cache_l2_request_seconds".to_owned(),
+        "metrics-a".to_owned(),
+    )) {
+        Some(DebugValue::Histogram(samples)) => {
+            assert!(
+                samples.len() >= 5,
+                "one per Redis request: {}",
+                samples.len()
+            );
+            assert!(samples.iter().all(|s| s.into_inner() < 5.0), "{samples:?}");
+        }
+        other => panic!("no L2 latency histogram: {other:?}"),
+    }
+    match m.get(&(
         "tiered_cache_breaker_state".to_owned(),
         "metrics-a".to_owned(),
     )) {

@@ -252,6 +252,7 @@ impl L2 {
             self.stats.record(Event::L2Skipped);
             return Err(L2Fault::BreakerOpen);
         };
+        let started = self.stats.export.clock();
         let outcome = match tokio::time::timeout(timeout, send(self.conn.clone())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_wrong_type(&e) => Err(L2Fault::WrongType),
@@ -259,6 +260,7 @@ impl L2 {
             Ok(Err(e)) => Err(L2Fault::Redis(e)),
             Err(_) => Err(L2Fault::Timeout),
         };
+        self.stats.export.l2_time(started);
         // Only a failed connection or no answer counts against Redis: an
         // error reply is about its command.
         permit.judge(match &outcome {
