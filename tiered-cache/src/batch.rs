@@ -18,6 +18,8 @@ use crate::key::Key;
 use crate::l1::L1Entry;
 use crate::loader::{Load, Owned};
 use crate::options::EntryOptions;
+use tracing::Instrument;
+
 use crate::tiers::{typed, Claim, L1Lookup};
 
 impl TieredCache {
@@ -47,6 +49,7 @@ impl TieredCache {
         let tiers = &self.inner.tiers;
         let read = tiers
             .within_budget(tiers.read_many::<V, C>(&bodies, false))
+            .instrument(crate::events::op_span("get_many", bodies[0]))
             .await;
         for (&i, (entry, _)) in missing.iter().zip(read) {
             match entry.filter(|e| e.is_fresh(Instant::now())) {

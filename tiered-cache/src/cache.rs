@@ -28,6 +28,7 @@ use crate::refresh::early_refresh_due;
 use crate::stats::StatsSnapshot;
 use crate::tags::EPOCH_TAG;
 use crate::tiers::{prepare, typed, Committed, L1Lookup, Origin, Reserved, Tiers};
+use tracing::Instrument;
 
 /// The result every caller of one flight shares.
 pub(crate) type Outcome<V, E> = Result<Option<Arc<V>>, LoadError<E>>;
@@ -131,17 +132,26 @@ impl TieredCache {
         V: DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
+        let span = events::op_span("get", key.as_str());
         match self.inner.tiers.lookup_l1::<V>(key.as_str()).await {
-            L1Lookup::Hit(hit) => return hit,
-            L1Lookup::FailSafe => return None,
+            L1Lookup::Hit(hit) => {
+                span.record("tier", "l1");
+                return hit;
+            }
+            L1Lookup::FailSafe => {
+                span.record("tier", "none");
+                return None;
+            }
             L1Lookup::Miss => {}
         }
         let tiers = &self.inner.tiers;
-        match tiers
+        let found = tiers
             .within_budget(tiers.read_l2::<V, C>(key.as_str()))
-            .await
-        {
+            .instrument(span.clone())
+            .await;
+        match found {
             Some(entry) if entry.is_fresh(Instant::now()) => {
+                span.record("tier", "l2");
                 self.inner
                     .tiers
                     .stats
@@ -182,6 +192,7 @@ impl TieredCache {
             Duration::ZERO,
             Origin::Write,
         )
+        .instrument(events::op_span("set", key.as_str()))
         .await?;
         // After the Redis write: a peer that drops its copy reads the new one.
         self.announce_key(key.as_str());
@@ -257,7 +268,10 @@ impl TieredCache {
     /// other instances may still read the old value until its TTL.
     pub async fn invalidate<V, C>(&self, key: &Key<V, C>) -> Result<(), Error> {
         let tiers = &self.inner.tiers;
-        let deleted = tiers.within_budget(tiers.invalidate(key.as_str())).await;
+        let deleted = tiers
+            .within_budget(tiers.invalidate(key.as_str()))
+            .instrument(events::op_span("invalidate", key.as_str()))
+            .await;
         // A load in flight cannot store any more (its claim is outdated):
         // new callers start their own instead of waiting on it.
         self.inner.flights.release(key.as_str());
@@ -276,6 +290,7 @@ impl TieredCache {
             .tiers
             .tags
             .bump(tag, self.inner.tiers.l2.as_ref())
+            .instrument(events::op_span_keyless("invalidate_tag"))
             .await;
         if let Some(l1) = self.inner.tiers.local() {
             match &bumped {
@@ -321,6 +336,7 @@ impl TieredCache {
             .tiers
             .tags
             .bump(EPOCH_TAG, self.inner.tiers.l2.as_ref())
+            .instrument(events::op_span_keyless("clear"))
             .await;
         if let Some(l1) = self.inner.tiers.local() {
             l1.clear();
@@ -382,6 +398,7 @@ impl TieredCache {
         let loader = Owned(move || async move { loader().await.map(|v| Some(Arc::new(v))) });
         match self
             .load_through::<V, C, E, _>(key.as_str(), options, loader, false)
+            .instrument(events::op_span("get_or_load", key.as_str()))
             .await
         {
             Ok(Some(v)) => Ok(v),
@@ -411,6 +428,7 @@ impl TieredCache {
     {
         let loader = Owned(move || async move { loader().await.map(|v| v.map(Arc::new)) });
         self.load_through::<V, C, E, _>(key.as_str(), options, loader, true)
+            .instrument(events::op_span("try_get_or_load", key.as_str()))
             .await
     }
 
@@ -468,6 +486,7 @@ impl TieredCache {
                         if hit.is_some() {
                             self.inner.tiers.stats.record_at(events::Event::L1Hit, key);
                         }
+                        events::answered("l1");
                         return Ok(hit);
                     }
                     Served::Refresh(leader, hit) => {
@@ -502,7 +521,10 @@ impl TieredCache {
                         // and found nothing: this caller wants a value, so it
                         // runs its own loader.
                         Some(Ok(None)) if !negatives => continue,
-                        Some(outcome) => return outcome,
+                        Some(outcome) => {
+                            events::answered("coalesced");
+                            return outcome;
+                        }
                         None => continue, // the leader gave up: try again, maybe lead
                     }
                 }
@@ -549,6 +571,7 @@ impl TieredCache {
                         if hit.is_some() {
                             self.inner.tiers.stats.record_at(events::Event::L2Hit, key);
                         }
+                        events::answered("l2");
                         leader.finish::<Outcome<V, E>>(Ok(hit.clone()));
                         return Ok(hit);
                     }
@@ -563,6 +586,8 @@ impl TieredCache {
                 drop(leader);
                 continue;
             };
+            // The load may run in a task of its own: the answer is said here.
+            events::answered("loader");
             return self
                 .lead_load::<V, C, E, L>(key, options, loader, leader, fallback, claim)
                 .await;

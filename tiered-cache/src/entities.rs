@@ -177,7 +177,7 @@ impl Table {
 }
 
 /// `product` of `{product:v3:7}`; the whole key if it has no such shape.
-fn entity_of(key: &str) -> &str {
+pub(crate) fn entity_of(key: &str) -> &str {
     let body = key.strip_prefix('{').unwrap_or(key);
     body.split(':').next().unwrap_or(body)
 }

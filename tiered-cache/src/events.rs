@@ -124,6 +124,36 @@ impl Stats {
     }
 }
 
+/// A span for one public call, at `debug`: the operation, the entity of its
+/// key (never the key itself, which may hold a user's id, and never a
+/// value), and the tier that answered, recorded later (see [`answered`]).
+/// Without a subscriber that wants it, it costs a level check.
+#[inline]
+pub(crate) fn op_span(op: &'static str, key: &str) -> tracing::Span {
+    tracing::debug_span!(
+        "tiered_cache",
+        op,
+        entity = crate::entities::entity_of(key),
+        tier = tracing::field::Empty
+    )
+}
+
+/// A span for a public call that has no key (a tag, the namespace).
+#[inline]
+pub(crate) fn op_span_keyless(op: &'static str) -> tracing::Span {
+    tracing::debug_span!("tiered_cache", op)
+}
+
+/// Records on the current call's span which tier answered: `l1`, `l2`,
+/// `loader` (this call led a load, or served stale while it ran),
+/// `coalesced` (it waited on another caller's load) or `none`.
+#[inline]
+pub(crate) fn answered(tier: &'static str) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::Span::current().record("tier", tier);
+    }
+}
+
 /// Each event's counter, by name: the one table from which `counter`,
 /// the metrics' names and `Event::ALL` come.
 macro_rules! counters {

@@ -23,11 +23,28 @@ const PASSWORD: &str = "pw-7c1e9a";
 /// Part of a cached value, to look for in the logs.
 const VALUE_MARK: &str = "value-mark-51f2";
 
-/// Every event as one line: `LEVEL message field=value ...`.
+/// Every event as one line: `LEVEL message field=value ...`; every span as
+/// `SPAN name field=value ...`, and a later record of its fields as
+/// `RECORD field=value`. It keeps which span is entered, so that
+/// `Span::current()` works as under a real subscriber.
 #[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<String>>>);
+struct Lines(Arc<Mutex<Vec<String>>>, Arc<Mutex<Spans>>);
+
+/// The spans made so far (their metadata by id) and the entered ones.
+#[derive(Default)]
+struct Spans {
+    made: Vec<&'static Metadata<'static>>,
+    entered: Vec<u64>,
+}
 
 impl Lines {
+    fn push(&self, line: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(line);
+    }
+
     fn all(&self) -> Vec<String> {
         self.0
             .lock()
@@ -52,10 +69,28 @@ impl Subscriber for Lines {
     fn enabled(&self, _: &Metadata<'_>) -> bool {
         true
     }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
+    fn new_span(&self, span: &Attributes<'_>) -> Id {
+        let mut line = format!("SPAN {}", span.metadata().name());
+        span.record(&mut Fields(&mut line));
+        self.push(line);
+        let mut spans = self.1.lock().unwrap_or_else(PoisonError::into_inner);
+        spans.made.push(span.metadata());
+        Id::from_u64(spans.made.len() as u64)
     }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn current_span(&self) -> tracing_core::span::Current {
+        let spans = self.1.lock().unwrap_or_else(PoisonError::into_inner);
+        match spans.entered.last() {
+            Some(&id) => {
+                tracing_core::span::Current::new(Id::from_u64(id), spans.made[id as usize - 1])
+            }
+            None => tracing_core::span::Current::none(),
+        }
+    }
+    fn record(&self, _: &Id, values: &Record<'_>) {
+        let mut line = "RECORD".to_owned();
+        values.record(&mut Fields(&mut line));
+        self.push(line);
+    }
     fn record_follows_from(&self, _: &Id, _: &Id) {}
     fn event(&self, event: &Event<'_>) {
         let mut line = event.metadata().level().to_string();
@@ -65,8 +100,16 @@ impl Subscriber for Lines {
             .unwrap_or_else(PoisonError::into_inner)
             .push(line);
     }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
+    fn enter(&self, id: &Id) {
+        let mut spans = self.1.lock().unwrap_or_else(PoisonError::into_inner);
+        spans.entered.push(id.into_u64());
+    }
+    fn exit(&self, id: &Id) {
+        let mut spans = self.1.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = spans.entered.iter().rposition(|e| *e == id.into_u64()) {
+            spans.entered.remove(at);
+        }
+    }
 }
 
 /// A server with an ACL user `app` (password [`PASSWORD`], every key and
@@ -210,5 +253,66 @@ async fn a_refused_publish_is_logged_once_and_is_not_an_outage() {
     for line in lines.all() {
         assert!(!line.contains(PASSWORD), "a password was logged: {line}");
         assert!(!line.contains(VALUE_MARK), "a value was logged: {line}");
+    }
+}
+
+/// Every public call has a span at `debug` naming the operation, the key's
+/// entity and the tier that answered, and never the key's arguments or a
+/// value.
+#[tokio::test]
+async fn spans_name_the_operation_and_the_tier_but_never_keys_or_values() {
+    let lines = Lines::default();
+    let _capture = tracing::subscriber::set_default(lines.clone());
+    let (_server, cache) = as_acl_user("&*").await;
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
+    let secret_id = 4_242_424;
+    cache
+        .set(&key(secret_id), marked(secret_id), &opts)
+        .await
+        .expect("set");
+    assert!(cache.get(&key(secret_id)).await.is_some());
+    let other = TieredCache::builder()
+        .namespace("logs")
+        .redis(format!(
+            "redis://app:{PASSWORD}@127.0.0.1:{}",
+            _server.port()
+        ))
+        .build()
+        .await
+        .expect("a second instance");
+    assert!(other.get(&key(secret_id)).await.is_some(), "from Redis");
+    load(&cache, &key(secret_id + 1), secret_id + 1).await;
+    cache.invalidate(&key(secret_id)).await.expect("invalidate");
+    cache
+        .invalidate_tag("products")
+        .await
+        .expect("invalidate_tag");
+
+    let all = lines.all();
+    for op in ["set", "get", "get_or_load", "invalidate", "invalidate_tag"] {
+        let span = format!("SPAN tiered_cache op={op:?}");
+        assert!(
+            all.iter().any(|l| l.starts_with(&span)),
+            "no {op} span: {all:#?}"
+        );
+    }
+    assert!(
+        all.iter().any(|l| l.contains("entity=\"product\"")),
+        "{all:#?}"
+    );
+    for tier in ["l1", "l2", "loader"] {
+        let record = format!("RECORD tier={tier:?}");
+        assert!(
+            all.iter().any(|l| l == &record),
+            "no {tier} answer: {all:#?}"
+        );
+    }
+    for line in &all {
+        assert!(
+            !line.contains(&secret_id.to_string()),
+            "a key's argument: {line}"
+        );
+        assert!(!line.contains(VALUE_MARK), "a value was logged: {line}");
+        assert!(!line.contains(PASSWORD), "a password was logged: {line}");
     }
 }

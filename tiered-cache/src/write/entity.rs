@@ -20,6 +20,7 @@ use crate::key::Key;
 use crate::options::EntryOptions;
 use crate::tiers::{Committed, Origin, Reserved};
 use crate::warm::Warmer;
+use tracing::Instrument;
 
 /// One warm-up load of an entity: its value, or the store's error (`None`:
 /// the store has no such id).
@@ -221,6 +222,21 @@ impl<E: Entity, S: Store<E>> EntityCache<E, S> {
     }
 
     async fn write(&self, id: &E::Id, value: Option<Arc<E>>) -> Result<(), WriteError<S::Error>> {
+        let op = if value.is_some() { "put" } else { "delete" };
+        let span = tracing::debug_span!(
+            "tiered_cache",
+            op,
+            entity = E::NAME,
+            policy = self.shared.policy.name()
+        );
+        self.write_by_policy(id, value).instrument(span).await
+    }
+
+    async fn write_by_policy(
+        &self,
+        id: &E::Id,
+        value: Option<Arc<E>>,
+    ) -> Result<(), WriteError<S::Error>> {
         match &self.shared.policy {
             WritePolicy::WriteBehind(_) => match &self.shared.queue {
                 Some(queue) => queue.put(id, value).await.map_err(WriteError::Cache),

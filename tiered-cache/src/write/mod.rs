@@ -47,6 +47,18 @@ pub enum WritePolicy {
     WriteBehind(WriteBehind),
 }
 
+impl WritePolicy {
+    /// The policy's name, for spans.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            WritePolicy::CacheAside => "cache_aside",
+            WritePolicy::WriteThrough => "write_through",
+            WritePolicy::WriteBehind(config) if config.durable => "write_behind_durable",
+            WritePolicy::WriteBehind(_) => "write_behind",
+        }
+    }
+}
+
 /// Settings of a write-behind queue.
 ///
 /// ```
