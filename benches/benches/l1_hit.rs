@@ -101,6 +101,16 @@ fn fixture() -> &'static Fixture {
 }
 
 async fn build_fixture() -> Fixture {
+    // With the `metrics` feature: a real recorder, as a service would run
+    // it, installed before the cache is built (the cache exports to it).
+    #[cfg(feature = "metrics")]
+    {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("a Prometheus recorder");
+        println!("[metrics] on: a Prometheus recorder is installed");
+        std::mem::forget(handle);
+    }
     let keys = common::keys(KEYS);
     let raw = Cache::builder().max_capacity(2 * KEYS as u64).build();
     let cache = common::l1_only_cache().await;
