@@ -161,7 +161,13 @@ impl Backplane {
         let channel = l2.channel("#backplane");
         local.tags.set_live(false);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(publish_loop(rx, l2.clone(), channel.clone(), id));
+        tokio::spawn(publish_loop(
+            rx,
+            l2.clone(),
+            channel.clone(),
+            id,
+            Arc::clone(&local.stats),
+        ));
         let (ready_tx, ready_rx) = oneshot::channel();
         let subscriber = Subscriber {
             l2: l2.clone(),
@@ -214,7 +220,13 @@ fn decode(bytes: &[u8]) -> Option<Message> {
 }
 
 /// Sends queued events, batched, retrying with backoff while Redis fails.
-async fn publish_loop(mut rx: mpsc::UnboundedReceiver<Event>, l2: L2, channel: String, id: u64) {
+async fn publish_loop(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    l2: L2,
+    channel: String,
+    id: u64,
+    stats: Arc<Stats>,
+) {
     let mut batch: Vec<Event> = Vec::new();
     let mut backoff = Backoff::default();
     let mut closed = false;
@@ -227,6 +239,7 @@ async fn publish_loop(mut rx: mpsc::UnboundedReceiver<Event>, l2: L2, channel: S
         let (payload, events) = encode(id, std::mem::take(&mut batch));
         match l2.publish(&channel, &payload).await {
             Ok(()) => {
+                stats.record(crate::events::Event::BackplanePublished);
                 backoff.reset();
                 continue;
             }

@@ -53,6 +53,8 @@ pub(crate) enum Event {
     InvalidationReceived,
     /// `stats.backplane_gaps`.
     BackplaneGap,
+    /// `stats.backplane_published`.
+    BackplanePublished,
     /// `stats.store_writes`.
     StoreWrite,
     /// `stats.write_fallbacks`.
@@ -204,6 +206,7 @@ counters! {
     TagStaleDrop => tag_stale_drops,
     InvalidationReceived => invalidations_received,
     BackplaneGap => backplane_gaps,
+    BackplanePublished => backplane_published,
     StoreWrite => store_writes,
     WriteFallback => write_fallbacks,
     WriteQueued => writes_queued,

@@ -79,6 +79,10 @@ async fn recorded_metrics_match_the_stats_per_namespace() {
     b.set(&k2, "two".to_owned(), &opts()).await.unwrap();
     assert!(b.get(&k2).await.is_some()); // B's own hit
 
+    until("A published its invalidation", || {
+        a.stats().backplane_published >= 1
+    })
+    .await;
     let m = read(&snapshotter);
     let s = a.stats();
     for (name, value) in [
@@ -90,6 +94,7 @@ async fn recorded_metrics_match_the_stats_per_namespace() {
         ("coalesced_waits", s.coalesced_waits),
         ("l2_errors", s.l2_errors),
         ("stale_writes_refused", s.stale_writes_refused),
+        ("backplane_published", s.backplane_published),
     ] {
         assert_eq!(counter(&m, name, "metrics-a"), value, "{name}");
     }
