@@ -17,8 +17,16 @@
 //! batch of 384 through the deque's persistent cursor, so that entry is
 //! never tested, and reads stop checking once the predicate is retired. The
 //! predicate is still registered, to free the memory of most such entries.
+//!
+//! moka is keyed by a 64-bit keyed hash of the key string, not the string:
+//! moka holds its keys in an `Arc`, so a string key costs a hit two
+//! dependent reads (the `Arc`, then the string) before the value, and a
+//! SipHash of the whole string. Each entry keeps its full key (inline when
+//! short) and a hit compares it, so two keys whose hashes collide are two
+//! misses, never one key's value served for the other.
 
 use std::any::Any;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,30 +48,90 @@ pub(crate) type AnyValue = Arc<dyn Any + Send + Sync>;
 const ENTRY_OVERHEAD: usize = 160;
 
 /// One L1 entry: the decoded value (or a cached `None`) and its metadata.
+///
+/// `repr(C)` keeps what a hit reads (the value, the check stamp, the
+/// freshness, the fail-safe flag, the key) in the first two cache lines of
+/// the allocation, next to the `Arc`'s counts, which a hit touches anyway.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct L1Entry {
     /// `None` is a cached negative result.
     pub(crate) value: Option<AnyValue>,
-    /// Until then the value is fresh; after it, stale (inside the grace
-    /// window). Past `drop_at` when the L1 cap is shorter than the TTL.
-    pub(crate) fresh_until: Instant,
-    /// When moka drops the entry: the end of the grace window, or the L1 cap.
-    pub(crate) drop_at: Instant,
-    pub(crate) meta: Meta,
-    pub(crate) weight: u32,
-    /// A stale value kept "fresh" for a short while after a failed refresh
-    /// (the fail-safe throttle): hits on it are counted as stale served.
-    pub(crate) failsafe: bool,
-    /// No early refresh starts before this: set after a refresh failed, so
-    /// a failing loader is tried at most once per throttle period.
-    pub(crate) refresh_after: Option<Instant>,
     /// The floor generation at which the entry was last found above every
     /// tag floor; `Default` (never checked) for a new entry.
     pub(crate) checked: Checked,
+    /// Until then the value is fresh; after it, stale (inside the grace
+    /// window). Past `drop_at` when the L1 cap is shorter than the TTL.
+    pub(crate) fresh_until: Instant,
+    /// A stale value kept "fresh" for a short while after a failed refresh
+    /// (the fail-safe throttle): hits on it are counted as stale served.
+    pub(crate) failsafe: bool,
+    /// The key it was stored under (moka's key is only its hash).
+    key: FullKey,
+    pub(crate) weight: u32,
     /// How many times L1 had been cleared when the entry was built.
     clears: u64,
+    /// When moka drops the entry: the end of the grace window, or the L1 cap.
+    pub(crate) drop_at: Instant,
+    /// No early refresh starts before this: set after a refresh failed, so
+    /// a failing loader is tried at most once per throttle period.
+    pub(crate) refresh_after: Option<Instant>,
     /// When the entry was built (a failsafe copy keeps its original's).
     built: Instant,
+    pub(crate) meta: Meta,
+}
+
+/// Keys up to this many bytes are kept inside the entry, so checking a hit
+/// reads no other memory; longer ones are kept on the heap.
+const INLINE_KEY: usize = 46;
+
+/// An entry's full key, checked on every hit (see the module docs).
+#[derive(Debug, Clone)]
+enum FullKey {
+    Inline(u8, [u8; INLINE_KEY]),
+    Long(Box<str>),
+}
+
+impl FullKey {
+    fn new(key: &str) -> Self {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut bytes = [0; INLINE_KEY];
+                bytes[..key.len()].copy_from_slice(key.as_bytes());
+                FullKey::Inline(len, bytes)
+            }
+            _ => FullKey::Long(key.into()),
+        }
+    }
+
+    #[inline]
+    fn is(&self, key: &str) -> bool {
+        match self {
+            FullKey::Inline(len, bytes) => &bytes[..usize::from(*len)] == key.as_bytes(),
+            FullKey::Long(long) => &**long == key,
+        }
+    }
+}
+
+/// moka's hasher for keys that are already hashes: passes them through.
+#[derive(Debug, Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed with it; fold anything else anyway.
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
 }
 
 /// See [`L1Entry::checked`].
@@ -85,7 +153,10 @@ impl L1Entry {
 /// The L1 tier.
 #[derive(Debug, Clone)]
 pub(crate) struct L1 {
-    cache: Cache<Arc<str>, Arc<L1Entry>>,
+    cache: Cache<u64, Arc<L1Entry>, BuildHasherDefault<PassThrough>>,
+    /// Keyed per L1 (a random seed), so that keys cannot be chosen to
+    /// collide in moka's table.
+    hasher: foldhash::fast::RandomState,
     ttl_cap: Option<Duration>,
     drops: Arc<Drops>,
     floors: Arc<TagFloors>,
@@ -131,10 +202,10 @@ fn stripe_of(key: &str) -> usize {
 
 struct PerEntryDeadline;
 
-impl Expiry<Arc<str>, Arc<L1Entry>> for PerEntryDeadline {
+impl Expiry<u64, Arc<L1Entry>> for PerEntryDeadline {
     fn expire_after_create(
         &self,
-        _key: &Arc<str>,
+        _key: &u64,
         entry: &Arc<L1Entry>,
         created_at: Instant,
     ) -> Option<Duration> {
@@ -143,7 +214,7 @@ impl Expiry<Arc<str>, Arc<L1Entry>> for PerEntryDeadline {
 
     fn expire_after_update(
         &self,
-        _key: &Arc<str>,
+        _key: &u64,
         entry: &Arc<L1Entry>,
         updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
@@ -157,10 +228,10 @@ impl L1 {
     pub(crate) fn new(max_bytes: u64, ttl_cap: Option<Duration>) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_key: &Arc<str>, entry: &Arc<L1Entry>| entry.weight)
+            .weigher(|_key: &u64, entry: &Arc<L1Entry>| entry.weight)
             .expire_after(PerEntryDeadline)
             .support_invalidation_closures()
-            .build();
+            .build_with_hasher(BuildHasherDefault::default());
         let drops = Arc::new(Drops {
             many: AtomicU64::new(0),
             keys: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -169,15 +240,25 @@ impl L1 {
         let floors = Arc::new(TagFloors::new());
         L1 {
             cache,
+            hasher: foldhash::fast::RandomState::default(),
             ttl_cap,
             drops,
             floors,
         }
     }
 
+    /// moka's key for `key`.
+    #[inline]
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     #[inline]
     pub(crate) async fn get(&self, key: &str) -> Option<Arc<L1Entry>> {
-        let entry = self.cache.get(key).await?;
+        let entry = self.cache.get(&self.hash(key)).await?;
+        if !entry.key.is(key) {
+            return None; // another key with the same hash
+        }
         let generation = self.floors.generation();
         if entry.checked.0.load(Relaxed) == generation {
             return Some(entry);
@@ -229,6 +310,7 @@ impl L1 {
             checked: Checked::default(),
             clears: self.drops.many.load(SeqCst),
             built: now,
+            key: FullKey::new(key),
         })
     }
 
@@ -237,7 +319,12 @@ impl L1 {
     /// throttle. A stale entry is served as if fresh until then (see
     /// [`L1Entry::failsafe`]); a fresh one (an early refresh failed) stays
     /// as fresh as it was, and only its next early refresh waits.
-    pub(crate) fn failsafe_copy(&self, entry: &L1Entry, retry_at: Instant) -> Arc<L1Entry> {
+    pub(crate) fn failsafe_copy(
+        &self,
+        key: &str,
+        entry: &L1Entry,
+        retry_at: Instant,
+    ) -> Arc<L1Entry> {
         let retry_at = retry_at.min(entry.drop_at);
         let stale = !entry.is_fresh(Instant::now());
         Arc::new(L1Entry {
@@ -253,11 +340,12 @@ impl L1 {
             // caller's ticket covers a clear since the load began.
             clears: self.drops.many.load(SeqCst),
             built: entry.built,
+            key: FullKey::new(key),
         })
     }
 
     /// An entry for a cache without L1, never inserted: only its value and
-    /// freshness are read.
+    /// freshness are read. (It has no key, so inserted it would never hit.)
     pub(crate) fn detached(
         value: Option<AnyValue>,
         meta: Meta,
@@ -276,15 +364,16 @@ impl L1 {
             checked: Checked::default(),
             clears: 0,
             built: now,
+            key: FullKey::Inline(0, [0; INLINE_KEY]),
         })
     }
 
     #[cfg(test)]
     pub(crate) async fn insert(&self, key: &str, entry: Arc<L1Entry>) {
         if entry.drop_at > Instant::now() {
-            self.cache.insert(Arc::from(key), entry).await;
+            self.cache.insert(self.hash(key), entry).await;
         } else {
-            self.cache.invalidate(key).await;
+            self.cache.invalidate(&self.hash(key)).await;
         }
     }
 
@@ -331,10 +420,10 @@ impl L1 {
             return false;
         }
         if entry.drop_at > Instant::now() {
-            self.cache.insert(Arc::from(key), entry).await;
+            self.cache.insert(self.hash(key), entry).await;
             true
         } else {
-            self.cache.invalidate(key).await;
+            self.cache.invalidate(&self.hash(key)).await;
             false
         }
     }
@@ -347,9 +436,9 @@ impl L1 {
         self.drops.keys[stripe].fetch_add(1, SeqCst);
         let _stripe = self.drops.locks[stripe].lock().await;
         if entry.drop_at > Instant::now() {
-            self.cache.insert(Arc::from(key), entry).await;
+            self.cache.insert(self.hash(key), entry).await;
         } else {
-            self.cache.invalidate(key).await;
+            self.cache.invalidate(&self.hash(key)).await;
         }
     }
 
@@ -357,7 +446,8 @@ impl L1 {
         let stripe = stripe_of(key);
         self.drops.keys[stripe].fetch_add(1, SeqCst);
         let _stripe = self.drops.locks[stripe].lock().await;
-        self.cache.invalidate(key).await;
+        // With a colliding key this drops the other key's entry: a miss.
+        self.cache.invalidate(&self.hash(key)).await;
     }
 
     /// Drops every entry (they are hidden at once, removed lazily).
@@ -448,7 +538,7 @@ mod tests {
         // lands just after it (the clear takes no key lock).
         assert!(l1.insert_since("k", Arc::clone(&built), ticket).await);
         l1.clear();
-        l1.cache.insert(Arc::from("k"), built).await;
+        l1.cache.insert(l1.hash("k"), built).await;
         assert!(l1.get("k").await.is_none(), "served after the clear");
         let fresh = entry(&l1, "k");
         assert!(l1.insert_since("k", fresh, l1.ticket("k")).await);
@@ -531,6 +621,25 @@ mod tests {
         )
         .await;
         assert!(l1.get("new").await.is_some(), "built after: a hit");
+    }
+
+    /// moka sees only the hash: an entry found under another key's hash
+    /// (a collision) is a miss for that key, whatever the key's length.
+    #[tokio::test]
+    async fn a_hash_collision_is_a_miss_not_the_other_keys_value() {
+        let l1 = L1::new(1 << 20, None);
+        let long_a = "a".repeat(INLINE_KEY + 10);
+        let long_b = "b".repeat(INLINE_KEY + 10);
+        for (a, b) in [("a", "b"), ("ab", "a"), (long_a.as_str(), long_b.as_str())] {
+            l1.cache.insert(l1.hash(b), entry(&l1, a)).await;
+            assert!(l1.get(b).await.is_none(), "{b} served {a}'s entry");
+            l1.cache.insert(l1.hash(a), entry(&l1, a)).await;
+            assert!(l1.get(a).await.is_some(), "{a} is a hit under its own hash");
+        }
+        let exact = "x".repeat(INLINE_KEY);
+        l1.insert(&exact, entry(&l1, &exact)).await;
+        assert!(l1.get(&exact).await.is_some());
+        assert!(l1.get(&exact[1..]).await.is_none());
     }
 
     #[tokio::test]

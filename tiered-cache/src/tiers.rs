@@ -238,7 +238,7 @@ impl Tiers {
                 return;
             }
         }
-        let retry = l1.failsafe_copy(stale, later(Instant::now(), delay));
+        let retry = l1.failsafe_copy(key, stale, later(Instant::now(), delay));
         l1.insert_since(key, retry, claim.l1).await;
     }
 
