@@ -144,25 +144,39 @@ impl TieredCache {
             }
             L1Lookup::Miss => {}
         }
+        if self.inner.tiers.l2.is_none() {
+            span.record("tier", "none");
+            self.inner
+                .tiers
+                .stats
+                .record_at(events::Event::Miss, key.as_str());
+            return None;
+        }
+        // Boxed, so that a hit does not carry (and move) the Redis read's
+        // large future.
+        Box::pin(self.get_from_l2::<V, C>(key.as_str(), span)).await
+    }
+
+    /// `get` past an L1 miss.
+    async fn get_from_l2<V, C>(&self, key: &str, span: tracing::Span) -> Option<Arc<V>>
+    where
+        V: DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+    {
         let tiers = &self.inner.tiers;
         let found = tiers
-            .within_budget(tiers.read_l2::<V, C>(key.as_str()))
+            .within_budget(tiers.read_l2::<V, C>(key))
             .instrument(span.clone())
             .await;
         match found {
             Some(entry) if entry.is_fresh(Instant::now()) => {
                 span.record("tier", "l2");
-                self.inner
-                    .tiers
-                    .stats
-                    .record_at(events::Event::L2Hit, key.as_str());
+                self.inner.tiers.stats.record_at(events::Event::L2Hit, key);
                 typed::<V>(&entry).flatten()
             }
             _ => {
-                self.inner
-                    .tiers
-                    .stats
-                    .record_at(events::Event::Miss, key.as_str());
+                span.record("tier", "none");
+                self.inner.tiers.stats.record_at(events::Event::Miss, key);
                 None
             }
         }
@@ -476,35 +490,87 @@ impl TieredCache {
         L: Load<V, E>,
     {
         let mut loader = Some(loader);
-        let mut coalesced = false;
-        loop {
-            // 1. L1.
-            let mut fallback = None;
-            if let Some(entry) = self.inner.tiers.l1_get(key).await {
-                match self.serve::<V, C, E, L>(key, options, &entry, negatives, &mut loader) {
-                    Served::Hit(hit) => {
-                        if hit.is_some() {
-                            self.inner.tiers.stats.record_at(events::Event::L1Hit, key);
-                        }
-                        events::answered("l1");
-                        return Ok(hit);
-                    }
-                    Served::Refresh(leader, hit) => {
-                        return self
-                            .refresh_in_place::<V, C, E, L>(
-                                key,
-                                options,
-                                &mut loader,
-                                leader,
-                                entry,
-                                hit,
-                            )
-                            .await;
-                    }
-                    Served::Stale => fallback = Some(entry),
-                    Served::Miss => {}
-                }
+        match self
+            .answer_from_l1::<V, C, E, L>(key, options, negatives, &mut loader)
+            .await
+        {
+            FromL1::Done(outcome) => outcome,
+            // Boxed: the rest of the read path is a large future, and a hit
+            // should not carry (and move) it.
+            FromL1::Go(fallback) => {
+                Box::pin(self.load_past_l1::<V, C, E, L>(key, options, loader, negatives, fallback))
+                    .await
             }
+        }
+    }
+
+    /// Step 1 of the read path: an answer from L1, or what L1 had to fall
+    /// back on while the rest of the path runs.
+    async fn answer_from_l1<V, C, E, L>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        negatives: bool,
+        loader: &mut Option<L>,
+    ) -> FromL1<V, E>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+        E: Send + Sync + 'static,
+        L: Load<V, E>,
+    {
+        let Some(entry) = self.inner.tiers.l1_get(key).await else {
+            return FromL1::Go(None);
+        };
+        match self.serve::<V, C, E, L>(key, options, &entry, negatives, loader) {
+            Served::Hit(hit) => {
+                if hit.is_some() {
+                    self.inner.tiers.stats.record_at(events::Event::L1Hit, key);
+                }
+                events::answered("l1");
+                FromL1::Done(Ok(hit))
+            }
+            Served::Refresh(leader, hit) => FromL1::Done(
+                Box::pin(
+                    self.refresh_in_place::<V, C, E, L>(key, options, loader, leader, entry, hit),
+                )
+                .await,
+            ),
+            Served::Stale => FromL1::Go(Some(entry)),
+            Served::Miss => FromL1::Go(None),
+        }
+    }
+
+    /// Steps 2 and 3 of the read path, after L1 had no fresh answer: one
+    /// caller per key goes on to Redis and the loader.
+    async fn load_past_l1<V, C, E, L>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        mut loader: Option<L>,
+        negatives: bool,
+        first_fallback: Option<Arc<L1Entry>>,
+    ) -> Outcome<V, E>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+        E: Send + Sync + 'static,
+        L: Load<V, E>,
+    {
+        let mut coalesced = false;
+        let mut first_fallback = Some(first_fallback);
+        loop {
+            // 1. L1 (the caller looked already on the first round).
+            let mut fallback = match first_fallback.take() {
+                Some(fallback) => fallback,
+                None => match self
+                    .answer_from_l1::<V, C, E, L>(key, options, negatives, &mut loader)
+                    .await
+                {
+                    FromL1::Done(outcome) => return outcome,
+                    FromL1::Go(fallback) => fallback,
+                },
+            };
             // 2. One caller per key goes on to Redis and the loader.
             let mut leader = match self.inner.flights.join::<Outcome<V, E>>(key) {
                 Join::Leader(leader) => leader,
@@ -645,6 +711,13 @@ impl TieredCache {
 }
 
 /// What a tier's entry means for a loading read.
+/// What L1 gave the read path: its answer, or a stale entry (or nothing)
+/// to fall back on while the path goes on.
+enum FromL1<V, E> {
+    Done(Outcome<V, E>),
+    Go(Option<Arc<L1Entry>>),
+}
+
 pub(crate) enum Served<V> {
     Hit(Option<Arc<V>>),
     /// Fresh, but due for an XFetch refresh that the caller must run

@@ -271,6 +271,7 @@ async fn spans_name_the_operation_and_the_tier_but_never_keys_or_values() {
         .await
         .expect("set");
     assert!(cache.get(&key(secret_id)).await.is_some());
+    assert!(cache.get(&key(secret_id + 7)).await.is_none(), "never set");
     let other = TieredCache::builder()
         .namespace("logs")
         .redis(format!(
@@ -300,7 +301,7 @@ async fn spans_name_the_operation_and_the_tier_but_never_keys_or_values() {
         all.iter().any(|l| l.contains("entity=\"product\"")),
         "{all:#?}"
     );
-    for tier in ["l1", "l2", "loader"] {
+    for tier in ["l1", "l2", "loader", "none"] {
         let record = format!("RECORD tier={tier:?}");
         assert!(
             all.iter().any(|l| l == &record),
