@@ -1,0 +1,110 @@
+//! Where an L1 hit's cost goes, counted rather than timed: run one variant
+//! under cachegrind, once with no reads and once with many, and the
+//! difference per read is its instruction count and its cache misses.
+//! Those counts repeat from run to run whatever else the machine does,
+//! which the timed benches on a shared two-core machine cannot promise.
+//!
+//! ```sh
+//! cargo bench -p tiered-cache-benches --bench hit_profile --no-run
+//! for v in raw_moka_string raw_moka_u64 tiered_get; do for n in 0 200000; do
+//!   HIT_PROFILE=$v HIT_READS=$n valgrind --tool=cachegrind --cache-sim=yes \
+//!     --cachegrind-out-file=/dev/null target/release/deps/hit_profile-* 2>&1 | grep -E 'I +refs|D1  misses|LLd misses'
+//! done; done
+//! ```
+//!
+//! Without `HIT_PROFILE` (as under `cargo bench`) every variant runs natively
+//! and prints its time per read: a smoke test, not a measurement.
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use tiered_cache::EntryOptions;
+
+use common::{keys, product, Cursor, Product, Sampler, KEYS};
+
+const VARIANTS: [&str; 3] = ["raw_moka_string", "raw_moka_u64", "tiered_get"];
+
+fn main() {
+    let reads: usize = std::env::var("HIT_READS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000);
+    let sampler = match std::env::var("HIT_SAMPLER").as_deref() {
+        Ok("uniform") => Sampler::Uniform,
+        _ => Sampler::Zipf,
+    };
+    let runtime = common::current_thread();
+    match std::env::var("HIT_PROFILE") {
+        Ok(variant) => {
+            runtime.block_on(run(&variant, reads, sampler));
+        }
+        Err(_) => {
+            for variant in VARIANTS {
+                let elapsed = runtime.block_on(run(variant, reads, sampler));
+                let per_read = elapsed.as_nanos() / reads.max(1) as u128;
+                println!(
+                    "[hit_profile {}] {variant}: {per_read} ns/read (native, one run)",
+                    sampler.name()
+                );
+            }
+        }
+    }
+}
+
+/// Fills one variant with every key, then reads `reads` keys of the stream;
+/// returns the time the reads took. Every read must hit.
+async fn run(variant: &str, reads: usize, sampler: Sampler) -> Duration {
+    let stream = sampler.stream(KEYS, reads.max(1), 7);
+    let mut cursor = Cursor::new(&stream, 0);
+    let keys = keys(KEYS);
+    let mut hits = 0_usize;
+    let started;
+    match variant {
+        "raw_moka_string" => {
+            let raw: Cache<String, Arc<Product>> =
+                Cache::builder().max_capacity(KEYS as u64 * 2).build();
+            for (i, key) in keys.iter().enumerate() {
+                raw.insert(key.as_str().to_owned(), Arc::new(product(i as u64)))
+                    .await;
+            }
+            started = Instant::now();
+            for _ in 0..reads {
+                hits += usize::from(
+                    black_box(raw.get(keys[cursor.next_index()].as_str()).await).is_some(),
+                );
+            }
+        }
+        "raw_moka_u64" => {
+            let raw: Cache<u64, Arc<Product>> =
+                Cache::builder().max_capacity(KEYS as u64 * 2).build();
+            for i in 0..KEYS as u64 {
+                raw.insert(i, Arc::new(product(i))).await;
+            }
+            started = Instant::now();
+            for _ in 0..reads {
+                hits +=
+                    usize::from(black_box(raw.get(&(cursor.next_index() as u64)).await).is_some());
+            }
+        }
+        "tiered_get" => {
+            let cache = common::l1_only_cache().await;
+            let opts = EntryOptions::new(Duration::from_secs(3600));
+            for (i, key) in keys.iter().enumerate() {
+                cache.set(key, product(i as u64), &opts).await.expect("set");
+            }
+            started = Instant::now();
+            for _ in 0..reads {
+                hits +=
+                    usize::from(black_box(cache.get(&keys[cursor.next_index()]).await).is_some());
+            }
+        }
+        other => panic!("HIT_PROFILE={other}: not one of {VARIANTS:?}"),
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(hits, reads, "{variant}: every read must be a hit");
+    elapsed
+}
