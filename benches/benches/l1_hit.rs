@@ -23,7 +23,8 @@
 //! - `[paired ...]` lines (printed, not criterion): every variant against
 //!   raw moka in alternating chunks of 20k reads, the ratio taken within
 //!   each round; drifting machine load cancels out of these. Also
-//!   `tiered_get` against the u64-keyed moka and the client-side cache.
+//!   `tiered_get` against the u64-keyed moka and the client-side cache,
+//!   and `[paired 2 tasks zipf1.0]`: the same with 2 tasks of 10k reads.
 //!
 //! The client-side cache's `redis-server` is a testkit one on a free port,
 //! started with the fixture and stopped by the last target; its connection
@@ -550,6 +551,74 @@ fn paired_ratios(_: &mut Criterion) {
     f.cc.check("paired");
 }
 
+/// Paired ratios with 2 tasks on a 2-worker runtime (Zipf): each chunk is
+/// 2 tasks of `CHUNK / 2` reads, timed from spawn to the last join.
+fn paired_two_tasks(_: &mut Criterion) {
+    const CHUNK: usize = 20_000;
+    let rt = common::multi_thread(2);
+    let f = fixture();
+    let stream = Arc::new(Sampler::Zipf.stream(KEYS, STREAM, 8));
+    let names = [
+        "raw_moka_get",
+        "raw_moka_u64_get",
+        "redis_client_cache_get",
+        "tiered_get",
+    ];
+    let misses = f.cc.stats().miss;
+    common::paired_with(
+        "2 tasks zipf1.0",
+        &names,
+        common::paired_rounds(),
+        &[(3, 1), (3, 2)],
+        |v, round| {
+            rt.block_on(async {
+                let start = Instant::now();
+                let tasks: Vec<_> = (0..2usize)
+                    .map(|t| {
+                        let stream = Arc::clone(&stream);
+                        tokio::spawn(async move {
+                            let f = fixture();
+                            let keys = &f.keys;
+                            let mut conn = f.cc.conn.clone();
+                            let mut cur = Cursor::new(&stream, (round * 2 + t) * CHUNK / 2);
+                            let mut found = 0usize;
+                            macro_rules! chunk {
+                                (|$i:ident| $read:expr) => {
+                                    for _ in 0..CHUNK / 2 {
+                                        let $i = cur.next_index();
+                                        found += usize::from(std::hint::black_box($read).is_some());
+                                    }
+                                };
+                            }
+                            match v {
+                                0 => chunk!(|i| f.raw.get(keys[i].as_str()).await),
+                                1 => chunk!(|i| f.raw_u64.get(&(i as u64)).await),
+                                2 => chunk!(
+                                    |i| common::get_decode(&mut conn, &f.cc.raw_keys[i]).await
+                                ),
+                                _ => chunk!(|i| f.cache.get(&keys[i]).await),
+                            }
+                            found
+                        })
+                    })
+                    .collect();
+                let mut found = 0;
+                for t in tasks {
+                    found += t.await.expect("bench task");
+                }
+                let elapsed = start.elapsed();
+                assert_eq!(found, CHUNK, "every read must hit");
+                elapsed
+            })
+        },
+    );
+    let missed = f.cc.stats().miss - misses;
+    assert_eq!(
+        missed, 0,
+        "redis_client_cache_get: {missed} GETs missed the client-side cache"
+    );
+}
+
 /// Stops the client-side cache's redis-server (a static is never dropped).
 fn stop_redis(_: &mut Criterion) {
     if let Some(f) = FIXTURE.get() {
@@ -560,6 +629,6 @@ fn stop_redis(_: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = common::criterion(20, Duration::from_millis(500), Duration::from_secs(3));
-    targets = one_task, two_tasks, breakdown, paired_ratios, stop_redis
+    targets = one_task, two_tasks, breakdown, paired_ratios, paired_two_tasks, stop_redis
 }
 criterion_main!(benches);
