@@ -216,9 +216,41 @@ pub async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("a raw Redis connection")
 }
 
-/// Writes every product twice: plain postcard bytes under `raw_key` (by
-/// pipelines of 1,000 SETs) and through the cache (64 writers at once).
-pub async fn populate(url: &str, keys: &std::sync::Arc<Vec<Key<Product>>>) {
+/// A RESP3 multiplexed connection with redis-rs's own client-side cache
+/// (feature `cache-aio`) holding up to `size` keys: the server tracks every
+/// key this connection reads (`CLIENT TRACKING ON`) and pushes an
+/// invalidation when another client writes it; until then a repeated GET is
+/// answered from the connection's LRU of raw replies, without a round trip.
+pub async fn client_cache_connection(url: &str, size: usize) -> redis::aio::MultiplexedConnection {
+    let cache = redis::caching::CacheConfig::new()
+        .set_size(std::num::NonZeroUsize::new(size).expect("a cache size above 0"));
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(L2_TIMEOUT))
+        .set_cache_config(cache);
+    redis::Client::open(format!("{url}/?protocol=resp3"))
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("a RESP3 connection with the client-side cache")
+}
+
+/// GET + postcard decode: the raw baselines' read (on a connection with the
+/// client-side cache, a hit is answered from its LRU and still decoded).
+pub async fn get_decode(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Option<Product> {
+    let bytes: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET");
+    postcard::from_bytes(&bytes?).ok()
+}
+
+/// Writes every product's plain postcard bytes under `raw_key`, by
+/// pipelines of 1,000 SETs.
+pub async fn populate_raw(url: &str, keys: &[Key<Product>]) {
     let mut conn = raw_connection(url).await;
     for (chunk_no, chunk) in keys.chunks(1_000).enumerate() {
         let mut pipe = redis::pipe();
@@ -231,6 +263,12 @@ pub async fn populate(url: &str, keys: &std::sync::Arc<Vec<Key<Product>>>) {
         }
         pipe.query_async::<()>(&mut conn).await.expect("raw SETs");
     }
+}
+
+/// Writes every product twice: plain postcard bytes under `raw_key` (by
+/// pipelines of 1,000 SETs) and through the cache (64 writers at once).
+pub async fn populate(url: &str, keys: &std::sync::Arc<Vec<Key<Product>>>) {
+    populate_raw(url, keys).await;
     let cache = redis_cache(url, 0).await;
     let writers: Vec<_> = (0..64u64)
         .map(|t| {
@@ -271,11 +309,24 @@ pub fn paired(
     label: &str,
     names: &[&str],
     rounds: usize,
+    run: impl FnMut(usize, usize) -> Duration,
+) {
+    paired_with(label, names, rounds, &[], run)
+}
+
+/// [`paired`], also printing for each `(a, b)` in `vs` the ratio of
+/// variant `a` to variant `b`, taken within each round like the others.
+pub fn paired_with(
+    label: &str,
+    names: &[&str],
+    rounds: usize,
+    vs: &[(usize, usize)],
     mut run: impl FnMut(usize, usize) -> Duration,
 ) {
     let n = names.len();
     let mut ratios = vec![Vec::with_capacity(rounds); n];
     let mut base_ns = Vec::with_capacity(rounds);
+    let mut vs_ratios = vec![Vec::with_capacity(rounds); vs.len()];
     for round in 0..rounds {
         let mut times = vec![Duration::ZERO; n];
         for k in 0..n {
@@ -286,6 +337,9 @@ pub fn paired(
         for v in 0..n {
             ratios[v].push(times[v].as_secs_f64() / times[0].as_secs_f64());
         }
+        for (r, &(a, b)) in vs_ratios.iter_mut().zip(vs) {
+            r.push(times[a].as_secs_f64() / times[b].as_secs_f64());
+        }
     }
     base_ns.sort_unstable();
     println!(
@@ -293,14 +347,15 @@ pub fn paired(
         names[0],
         quantile(&base_ns, 0.5)
     );
-    for v in 1..n {
-        let r = &mut ratios[v];
+    let pairs = (1..n).map(|v| (v, 0)).chain(vs.iter().copied());
+    let all = ratios.into_iter().skip(1).chain(vs_ratios);
+    for ((a, b), mut r) in pairs.zip(all) {
         r.sort_by(f64::total_cmp);
         let at = |q: f64| r[((r.len() - 1) as f64 * q).round() as usize];
         println!(
             "[paired {label}] {} / {}: median {:.3} (IQR {:.3}-{:.3})",
-            names[v],
-            names[0],
+            names[a],
+            names[b],
             at(0.5),
             at(0.25),
             at(0.75)

@@ -1,0 +1,372 @@
+//! Invalidation latency: another instance overwrites a key; how long until
+//! this instance returns the new value.
+//!
+//! One testkit `redis-server`, one 2-worker runtime, two sides measured in
+//! the same run with their trials interleaved (the order alternates):
+//! - `tiered` (ours): two `TieredCache` instances on the Redis with the
+//!   backplane on. B holds the key in L1 (checked: its read before the trial
+//!   is an L1 hit); A `set`s a new value; B polls `get` until it returns it.
+//! - `redis_tracking`: redis-rs's client-side cache (feature `cache-aio`,
+//!   RESP3 `CLIENT TRACKING ON`). B is a connection with the cache that
+//!   holds the key (checked: its read before the trial is a client-cache
+//!   hit); A is a plain connection that SETs the new bytes; B polls GET +
+//!   postcard decode until it returns the new value.
+//!
+//! B's poller is a task started before the write; it yields between reads,
+//! so the writer, the connections' drivers and the backplane keep running.
+//! Per trial it records, from just before A's write:
+//! - `A's write call`: until A's write returned (its ack);
+//! - `visible`: until B's first read that returns the new value ended;
+//! - `after ack`: the same from when A's write returned (0 if B saw the new
+//!   value before A's write returned);
+//! - `stale after ack`: whether a read of B that *began* after A's write
+//!   returned still gave the old value, and then how long after the ack
+//!   that last stale read ended: the stale-read window.
+//!
+//! A plain `main` rather than criterion: each trial is one event timed
+//! once, and the figures wanted are its distribution (p50 / p99 / max over
+//! 200 trials); criterion times a repeatable routine by its mean over
+//! batches of iterations, and cannot interleave two sides trial by trial.
+//!
+//! `cargo bench -p tiered-cache-benches --bench invalidation` (about 2 s
+//! once built; `-- --quick` runs the same 200 trials).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use tiered_cache::testkit::RedisServer;
+use tiered_cache::{EntryOptions, Key, TieredCache};
+
+use common::{product, product_bytes, Product};
+
+const TRIALS: usize = 200;
+/// A trial whose new value has not shown up by then counts as failed.
+const GIVE_UP: Duration = Duration::from_secs(2);
+/// Pause between trials, so that one trial's messages are all delivered
+/// before the next starts.
+const SETTLE: Duration = Duration::from_millis(2);
+
+/// One trial's timings.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    /// A's write call, from its start until it returned.
+    write: Duration,
+    visible: Duration,
+    after_ack: Duration,
+    /// How long after the ack the last stale read ended, if a read that
+    /// began after the ack was stale.
+    stale_window: Option<Duration>,
+    /// Reads of B during the trial, the final one included.
+    reads: u32,
+}
+
+/// What the poller saw: when its first read of the new value ended, when
+/// its last read of an old value began and ended, and how many reads.
+struct Seen {
+    at: Instant,
+    last_stale: Option<(Instant, Instant)>,
+    reads: u32,
+}
+
+/// Polls `read` (which returns the value's id) until it gives `want`.
+async fn poll_until<F, Fut>(want: u64, mut read: F) -> Option<Seen>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<u64>>,
+{
+    let deadline = Instant::now() + GIVE_UP;
+    let (mut last_stale, mut reads) = (None, 0);
+    loop {
+        let began = Instant::now();
+        let id = read().await;
+        let ended = Instant::now();
+        reads += 1;
+        if id == Some(want) {
+            return Some(Seen {
+                at: ended,
+                last_stale,
+                reads,
+            });
+        }
+        last_stale = Some((began, ended));
+        if ended > deadline {
+            return None;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Runs one trial: starts the poller, then `write`, and puts the times
+/// together. `None` when the new value did not show up within `GIVE_UP`.
+async fn trial<P, W>(poller: P, write: W) -> Option<Trial>
+where
+    P: std::future::Future<Output = Option<Seen>> + Send + 'static,
+    W: std::future::Future<Output = ()>,
+{
+    let poller = tokio::spawn(poller);
+    // Let the poller start reading (the old value) before the write.
+    tokio::task::yield_now().await;
+    let t0 = Instant::now();
+    write.await;
+    let ack = Instant::now();
+    let seen = poller.await.expect("poller task")?;
+    let stale_window = seen
+        .last_stale
+        .filter(|&(began, _)| began > ack)
+        .map(|(_, ended)| ended - ack);
+    Some(Trial {
+        write: ack - t0,
+        visible: seen.at - t0,
+        after_ack: seen.at.saturating_duration_since(ack),
+        stale_window,
+        reads: seen.reads,
+    })
+}
+
+/// Ours: A writes, B (holding the key in L1) reads.
+struct Tiered {
+    a: TieredCache,
+    b: TieredCache,
+    key: Key<Product>,
+    opts: EntryOptions,
+}
+
+impl Tiered {
+    async fn new(url: &str) -> Self {
+        let t = Tiered {
+            a: common::redis_cache(url, 64 << 20).await,
+            b: common::redis_cache(url, 64 << 20).await,
+            key: Key::<Product>::new("invalidation", 1).arg(0),
+            opts: EntryOptions::new(Duration::from_secs(3600)),
+        };
+        t.a.set(&t.key, product(0), &t.opts).await.expect("set");
+        t
+    }
+
+    /// B's id for the key, and whether B answered it from L1.
+    async fn b_read(&self) -> (Option<u64>, bool) {
+        let before = self.b.stats().l1_hits;
+        let id = self.b.get(&self.key).await.map(|p| p.id);
+        (id, self.b.stats().l1_hits > before)
+    }
+
+    async fn trial(&self, v: u64) -> Option<Trial> {
+        // B holds v - 1 in L1: read until a read is an L1 hit (the
+        // backplane message of the last write may still be on its way and
+        // drop the promoted copy once more).
+        let mut last = (None, false);
+        for _ in 0..1_000 {
+            last = self.b_read().await;
+            if last == (Some(v - 1), true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            last,
+            (Some(v - 1), true),
+            "tiered: B must hold the old value in L1 before trial {v}"
+        );
+        let (b, key) = (self.b.clone(), self.key.clone());
+        let poller = async move {
+            poll_until(v, || {
+                let (b, key) = (&b, &key);
+                async move { b.get(key).await.map(|p| p.id) }
+            })
+            .await
+        };
+        let write = async {
+            self.a
+                .set(&self.key, product(v), &self.opts)
+                .await
+                .expect("set");
+        };
+        trial(poller, write).await
+    }
+}
+
+/// redis-rs's tracking: A SETs on a plain connection, B reads through its
+/// client-side cache.
+struct Tracking {
+    a: redis::aio::MultiplexedConnection,
+    b: redis::aio::MultiplexedConnection,
+    key: String,
+}
+
+impl Tracking {
+    async fn new(url: &str) -> Self {
+        let mut t = Tracking {
+            a: common::raw_connection(url).await,
+            b: common::client_cache_connection(url, 1_000).await,
+            key: "raw:invalidation".to_owned(),
+        };
+        t.set(0).await;
+        t
+    }
+
+    async fn set(&mut self, v: u64) {
+        redis::cmd("SET")
+            .arg(&self.key)
+            .arg(product_bytes(v))
+            .query_async::<()>(&mut self.a)
+            .await
+            .expect("SET");
+    }
+
+    fn stats(&self) -> redis::caching::CacheStatistics {
+        self.b
+            .get_cache_statistics()
+            .expect("B has the client-side cache")
+    }
+
+    /// B's id for the key, and whether B answered it from its cache.
+    async fn b_read(&mut self) -> (Option<u64>, bool) {
+        let before = self.stats().hit;
+        let id = common::get_decode(&mut self.b, &self.key)
+            .await
+            .map(|p| p.id);
+        (id, self.stats().hit > before)
+    }
+
+    async fn trial(&mut self, v: u64) -> Option<Trial> {
+        let mut last = (None, false);
+        for _ in 0..1_000 {
+            last = self.b_read().await;
+            if last == (Some(v - 1), true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            last,
+            (Some(v - 1), true),
+            "redis tracking: B must hold the old value in its client-side cache before trial {v}"
+        );
+        let (b, key) = (self.b.clone(), self.key.clone());
+        let poller = async move {
+            poll_until(v, || {
+                // A handle per read (a few reference counts): the future
+                // cannot borrow the closure's own handle mutably.
+                let (mut b, key) = (b.clone(), &key);
+                async move { common::get_decode(&mut b, key).await.map(|p| p.id) }
+            })
+            .await
+        };
+        let mut a = self.a.clone();
+        let (key, bytes) = (self.key.clone(), product_bytes(v));
+        let write = async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(bytes)
+                .query_async::<()>(&mut a)
+                .await
+                .expect("SET");
+        };
+        trial(poller, write).await
+    }
+}
+
+fn percentiles(name: &str, what: &str, mut d: Vec<Duration>) {
+    d.sort_unstable();
+    let ns: Vec<u64> = d.iter().map(|d| d.as_nanos() as u64).collect();
+    println!(
+        "| {name} | {what} | {:.1?} | {:.1?} | {:.1?} |",
+        common::quantile(&ns, 0.5),
+        common::quantile(&ns, 0.99),
+        ns.last()
+            .map_or(Duration::ZERO, |&n| Duration::from_nanos(n)),
+    );
+}
+
+fn report(name: &str, trials: &[Option<Trial>]) {
+    let ok: Vec<Trial> = trials.iter().flatten().copied().collect();
+    let failed = trials.len() - ok.len();
+    percentiles(name, "A's write call", ok.iter().map(|t| t.write).collect());
+    percentiles(
+        name,
+        "visible (from write start)",
+        ok.iter().map(|t| t.visible).collect(),
+    );
+    percentiles(
+        name,
+        "after ack (from write return)",
+        ok.iter().map(|t| t.after_ack).collect(),
+    );
+    let windows: Vec<Duration> = ok.iter().filter_map(|t| t.stale_window).collect();
+    let stale = windows.len();
+    percentiles(
+        name,
+        &format!("stale-read window, {stale} of {} trials", ok.len()),
+        windows,
+    );
+    let mut reads: Vec<u32> = ok.iter().map(|t| t.reads).collect();
+    reads.sort_unstable();
+    println!(
+        "[invalidation {name}] {} trials, {failed} failed (no new value within {GIVE_UP:?}); \
+         B's reads per trial: median {}, max {}",
+        trials.len(),
+        reads.get(reads.len() / 2).copied().unwrap_or(0),
+        reads.last().copied().unwrap_or(0),
+    );
+    if failed > 0 {
+        println!("[invalidation {name}] WARNING: {failed} trials never saw the new value");
+    }
+}
+
+fn main() {
+    let server = RedisServer::start().expect("redis-server for the invalidation bench");
+    let url = server.url();
+    let rt = common::multi_thread(2);
+    rt.block_on(async {
+        let tiered = Tiered::new(&url).await;
+        let mut tracking = Tracking::new(&url).await;
+        // Warm-up trials, not recorded: connections, backplane, allocator.
+        let mut v = 1;
+        for _ in 0..10 {
+            tiered.trial(v).await;
+            tracking.trial(v).await;
+            v += 1;
+        }
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for i in 0..TRIALS {
+            tokio::time::sleep(SETTLE).await;
+            if i % 2 == 0 {
+                ours.push(tiered.trial(v).await);
+                tokio::time::sleep(SETTLE).await;
+                theirs.push(tracking.trial(v).await);
+            } else {
+                theirs.push(tracking.trial(v).await);
+                tokio::time::sleep(SETTLE).await;
+                ours.push(tiered.trial(v).await);
+            }
+            v += 1;
+        }
+        println!(
+            "[invalidation] {TRIALS} interleaved trials per side; another instance overwrites, \
+             this one polls until it reads the new value"
+        );
+        println!("| side | time | p50 | p99 | max |\n|---|---|---|---|---|");
+        report("tiered", &ours);
+        report("redis_tracking", &theirs);
+        let st = tiered.b.stats();
+        println!(
+            "[invalidation tiered] B: invalidations_received={} l1_hits={} l2_hits={} misses={} \
+             backplane_gaps={} l2_errors={}; A: backplane_published={}",
+            st.invalidations_received,
+            st.l1_hits,
+            st.l2_hits,
+            st.misses,
+            st.backplane_gaps,
+            st.l2_errors,
+            tiered.a.stats().backplane_published,
+        );
+        let cs = tracking.stats();
+        println!(
+            "[invalidation redis_tracking] B: hits={} misses={} invalidations={}",
+            cs.hit, cs.miss, cs.invalidate
+        );
+    });
+    drop(rt);
+    drop(server);
+}
