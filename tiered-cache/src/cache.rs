@@ -129,7 +129,7 @@ impl TieredCache {
     /// [`get_or_load`](Self::get_or_load) to coalesce loads.
     pub async fn get<V, C>(&self, key: &Key<V, C>) -> Option<Arc<V>>
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let span = events::op_span("get", key.as_str());
