@@ -27,7 +27,7 @@ impl TieredCache {
     /// misses. Missing and undecodable entries are `None`.
     pub async fn get_many<V, C>(&self, keys: &[Key<V, C>]) -> Vec<Option<Arc<V>>>
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let mut out = Vec::with_capacity(keys.len());

@@ -129,7 +129,7 @@ impl TieredCache {
     /// [`get_or_load`](Self::get_or_load) to coalesce loads.
     pub async fn get<V, C>(&self, key: &Key<V, C>) -> Option<Arc<V>>
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let span = events::op_span("get", key.as_str());
@@ -160,7 +160,7 @@ impl TieredCache {
     /// `get` past an L1 miss.
     async fn get_from_l2<V, C>(&self, key: &str, span: tracing::Span) -> Option<Arc<V>>
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let tiers = &self.inner.tiers;

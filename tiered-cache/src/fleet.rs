@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -130,7 +131,7 @@ impl TieredCache {
         options: &EntryOptions,
     ) -> Turn
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let tiers = &self.inner.tiers;

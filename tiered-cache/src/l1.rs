@@ -39,13 +39,10 @@ use crate::entry::Meta;
 use crate::tags::TagFloors;
 #[cfg(test)]
 use crate::tags::MAX_FLOORS;
+use crate::weigh;
 
 /// A decoded value as held in L1.
 pub(crate) type AnyValue = Arc<dyn Any + Send + Sync>;
-
-/// What moka charges an entry beyond its key and value bytes (the entry
-/// struct, its Arc, moka's node), so tiny values cannot overfill the bound.
-const ENTRY_OVERHEAD: usize = 160;
 
 /// One L1 entry: the decoded value (or a cached `None`) and its metadata.
 ///
@@ -84,6 +81,16 @@ pub(crate) struct L1Entry {
 /// Keys up to this many bytes are kept inside the entry, so checking a hit
 /// reads no other memory; longer ones are kept on the heap.
 const INLINE_KEY: usize = 46;
+
+/// What an entry's key holds beyond the entry (counted in
+/// [`weigh::ENTRY_OVERHEAD`]): a long key's own heap block.
+fn key_weight(len: usize) -> usize {
+    if len > INLINE_KEY {
+        weigh::block(len)
+    } else {
+        0
+    }
+}
 
 /// An entry's full key, checked on every hit (see the module docs).
 #[derive(Debug, Clone)]
@@ -285,7 +292,7 @@ impl L1 {
     /// (both from now); the L1 cap shortens its stay, not its freshness (a
     /// capped freshness would make XFetch refresh at every cap, and a value
     /// just promoted look expired to a caller that stalled past the cap).
-    /// `size` is the encoded size.
+    /// `size` is what the value holds in memory ([`weigh::value_bytes`]).
     pub(crate) fn entry(
         &self,
         key: &str,
@@ -298,7 +305,9 @@ impl L1 {
         let now = Instant::now();
         let fresh_until = later(now, fresh_for.min(keep_for));
         let keep_for = self.ttl_cap.map_or(keep_for, |cap| keep_for.min(cap));
-        let weight = (key.len() + size + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32;
+        let weight = (key_weight(key.len()) + weigh::meta_bytes(&meta) + size)
+            .saturating_add(weigh::ENTRY_OVERHEAD)
+            .min(u32::MAX as usize) as u32;
         Arc::new(L1Entry {
             value,
             fresh_until,

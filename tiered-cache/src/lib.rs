@@ -155,6 +155,7 @@ mod stats;
 mod tags;
 mod tiers;
 mod warm;
+mod weigh;
 pub mod write;
 
 #[cfg(feature = "testkit")]

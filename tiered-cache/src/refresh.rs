@@ -256,7 +256,7 @@ impl TieredCache {
     /// value returned; otherwise the load's claim.
     async fn fresher_in_l2<V, C>(&self, key: &str, cached: &L1Entry) -> Result<Arc<V>, Claim>
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let tiers = &self.inner.tiers;

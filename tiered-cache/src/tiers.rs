@@ -18,6 +18,7 @@ use crate::l2::{L2Fault, Versioned, Write, L2};
 use crate::options::Resolved;
 use crate::stats::Stats;
 use crate::tags::TagVersions;
+use crate::weigh;
 
 /// See [`Tiers::lookup_l1`].
 pub(crate) enum L1Lookup<V> {
@@ -126,6 +127,7 @@ pub(crate) struct Prepared {
     erased: Option<AnyValue>,
     ttl: Duration,
     keep: Duration,
+    /// What the value holds in memory, for its L1 weight.
     size: usize,
     origin: Origin,
 }
@@ -165,11 +167,10 @@ where
         tags,
     };
     let mut bytes = entry::encode_header(&meta, C::ID, value.is_none(), 64);
-    let header_len = bytes.len();
     if let Some(v) = value {
         C::encode(v, &mut bytes)?;
     }
-    let size = bytes.len() - header_len;
+    let size = value.map_or(0, weigh::value_bytes);
     Ok(Prepared {
         meta,
         bytes,
@@ -366,7 +367,7 @@ impl Tiers {
     /// [`Tiers::read_l2`]) and takes the load's [`Claim`] first.
     pub(crate) async fn read_claimed<V, C>(&self, key: &str) -> (Option<Arc<L1Entry>>, Claim)
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let ticket = self.ticket(key);
@@ -413,7 +414,7 @@ impl Tiers {
         claims: bool,
     ) -> Vec<(Option<Arc<L1Entry>>, Claim)>
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let tickets: Vec<Ticket> = keys.iter().map(|key| self.ticket(key)).collect();
@@ -530,7 +531,7 @@ impl Tiers {
     /// (absent, undecodable, of another type, invalidated by a tag) is `None`.
     pub(crate) async fn read_l2<V, C>(&self, key: &str) -> Option<Arc<L1Entry>>
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let l2 = self.l2.as_ref()?;
@@ -565,7 +566,7 @@ impl Tiers {
         tags_read: bool,
     ) -> Option<Arc<L1Entry>>
     where
-        V: DeserializeOwned + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
         let envelope = match entry::decode(bytes, C::ID) {
@@ -589,9 +590,15 @@ impl Tiers {
             self.stats.record(Event::TagStaleDrop);
             return None;
         }
+        let mut size = 0;
         let value: Option<AnyValue> = match envelope.value {
             Some(raw) => match C::decode::<V>(raw) {
-                Ok(v) => Some(Arc::new(v)),
+                Ok(v) => {
+                    if self.l1.is_some() {
+                        size = weigh::value_bytes(&v);
+                    }
+                    Some(Arc::new(v))
+                }
                 Err(_) => {
                     self.bad_entry(key, "does not decode as the key's type")
                         .await;
@@ -601,7 +608,6 @@ impl Tiers {
             None => None,
         };
         let fresh_for = Duration::from_millis(envelope.meta.expires_ms.saturating_sub(now_ms));
-        let size = envelope.value.map_or(0, <[u8]>::len);
         let entry = match &self.l1 {
             Some(l1) => {
                 let entry = l1.entry(key, value, envelope.meta, fresh_for, keep_for, size);

@@ -383,7 +383,17 @@ async fn a_redis_restart_is_a_gap_too() {
 async fn invalidating_a_tag_of_100k_entries_does_not_block_redis() {
     const N: u64 = 100_000;
     let server = server();
-    let (a, b) = two(&server, "bulk").await;
+    // 100k entries take about 90 MB in L1 (P12 in benches/README.md):
+    // more than the default bound.
+    let big_l1 = || async {
+        builder_on(&server, "bulk")
+            .require_l2(true)
+            .l1_max_bytes(256 << 20)
+            .build()
+            .await
+            .expect("build")
+    };
+    let (a, b) = (big_l1().await, big_l1().await);
     let seeder = without_backplane(&server, "bulk")
         .l1_max_bytes(0)
         .build()

@@ -283,6 +283,109 @@ async fn l1_stays_within_its_byte_bound() {
     assert!(present < n / 5, "{present} of {n} entries still in L1");
 }
 
+/// A ~200-byte struct with strings, as `Product` in the benches.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Row {
+    id: u64,
+    sku: String,
+    description: String,
+    price_cents: u64,
+    tags: Vec<String>,
+}
+
+fn row(i: u64) -> Row {
+    Row {
+        id: i,
+        sku: format!("SKU-{i:08}"),
+        description: format!("A warm-white LED desk lamp with a weighted base, batch {i:06}."),
+        price_cents: 1_999 + i % 5_000,
+        tags: vec!["lighting".into(), format!("cat-{}", i % 97)],
+    }
+}
+
+/// Fills an L1-only cache bounded at `bound` with ten times its bound in
+/// entry weight; returns the weight of one entry.
+async fn overfill<V, F>(shape: &str, bound: u64, make: F) -> u64
+where
+    V: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+    F: Fn(u64) -> V,
+{
+    let cache = TieredCache::builder()
+        .l1_max_bytes(bound)
+        .build()
+        .await
+        .unwrap();
+    let opts = EntryOptions::new(Duration::from_secs(5 * 60));
+    let key = |i: u64| Key::<V>::new(shape, 1).arg(format!("{i:07}"));
+    cache.set(&key(0), make(0), &opts).await.unwrap();
+    let one = cache.l1_weighted_size().await;
+    let n = 10 * bound / one;
+    let mut max_seen = 0;
+    for i in 1..n {
+        cache.set(&key(i), make(i), &opts).await.unwrap();
+        if i % 1000 == 0 {
+            max_seen = max_seen.max(cache.l1_weighted_size().await);
+        }
+    }
+    let end = cache.l1_weighted_size().await;
+    max_seen = max_seen.max(end);
+    println!("{shape}: {n} entries of {one} B into {bound} B: {end} B at end, {max_seen} B max");
+    assert!(
+        max_seen <= bound + bound / 10,
+        "{shape}: L1 grew past its bound: {max_seen} > {bound} + 10%"
+    );
+    assert!(
+        end >= bound - bound / 10,
+        "{shape}: L1 should stay full: {end} B of {bound} B"
+    );
+    one
+}
+
+/// P12: an entry weighs what its decoded value holds in memory (not its
+/// encoding, which is several times smaller for small numbers), and at
+/// ten times overfill the weighted size stays within 10% of the bound.
+/// (RSS against the bound is measured by the `l1_memory` bench.)
+#[tokio::test]
+async fn l1_weighs_values_in_memory_and_holds_its_bound_at_10x_overfill() {
+    const BOUND: u64 = 2 << 20;
+    let one = overfill("row", BOUND, row).await;
+    // The Arc'd struct (104 B) and five strings alone come to over 400 B.
+    assert!(one > 400 + 600, "a row weighs {one} B");
+    let one = overfill("ints", BOUND, |i| {
+        (0..100).map(|j| (i + j) % 128).collect::<Vec<u64>>()
+    })
+    .await;
+    // 100 bytes encoded, 800 in memory.
+    assert!(one > 800 + 600, "100 u64s weigh {one} B");
+    let one = overfill("map", BOUND, |i| {
+        (0..16)
+            .map(|j| (format!("field-{j:02}"), (i + j) as u32))
+            .collect::<std::collections::HashMap<String, u32>>()
+    })
+    .await;
+    // A 32-bucket table of 32-byte slots and 16 string blocks.
+    assert!(
+        one > 32 * 33 + 16 * 32 + 600,
+        "a 16-entry map weighs {one} B"
+    );
+}
+
+/// A value promoted from Redis weighs what the same value set locally does.
+#[tokio::test]
+async fn a_promoted_entry_weighs_what_a_set_one_does() {
+    let server = server();
+    let a = cache_on(&server, "w").await;
+    let key = Key::<Vec<u64>>::new("ints", 1).arg(7);
+    let value: Vec<u64> = (0..100).collect();
+    a.set(&key, value, &EntryOptions::new(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let b = cache_on(&server, "w").await;
+    assert!(b.get(&key).await.is_some());
+    assert_eq!(b.stats().l2_hits, 1);
+    assert_eq!(b.l1_weighted_size().await, a.l1_weighted_size().await);
+}
+
 #[tokio::test]
 async fn l1_ttl_cap_shortens_l1_but_not_redis() {
     let server = server();
