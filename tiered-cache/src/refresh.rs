@@ -251,7 +251,10 @@ impl TieredCache {
             }
             drop(leader);
         });
-        let _ = tokio::time::timeout(budget, store).await;
+        // Less than a tick left: the store goes on without this caller.
+        if let Some(wait) = crate::l2::budget::timer_if_a_tick_is_left(budget) {
+            let _ = tokio::time::timeout(wait, store).await;
+        }
     }
 
     /// Before an early refresh calls its loader: another instance may have

@@ -254,7 +254,8 @@ impl L2 {
             return Err(L2Fault::BreakerOpen);
         };
         let started = self.stats.export.clock();
-        let outcome = match tokio::time::timeout(timeout, send(self.conn.clone())).await {
+        let timer = budget::timer(timeout);
+        let outcome = match tokio::time::timeout(timer, send(self.conn.clone())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_wrong_type(&e) => Err(L2Fault::WrongType),
             Ok(Err(e)) if is_about_the_command(&e) => Err(L2Fault::Rejected(e)),
