@@ -4,9 +4,14 @@
 //! Local single-flight leaves one caller per instance; that caller, after
 //! its Redis read missed, tries to take the key's lock in Redis (`l2/lock.rs`).
 //! The winner loads and stores as usual, holding the lock (renewed every
-//! third of its lease) until its value is in Redis; dropping the lock (the
-//! load finished, failed, or its caller was cancelled) releases it and
-//! announces the key on the backplane, as `set` does. The others wait:
+//! third of its lease) until its value is in Redis. The store's script
+//! releases it, leaving a `stored:<version>` marker for the rest of the
+//! lease, so an instance whose read missed just before that store, and
+//! whose lock attempt comes just after, reads the value instead of loading
+//! it again; a load that stores nothing (it failed, lost its
+//! compare-and-set, or its caller was cancelled) releases it when the lock
+//! is dropped. Either way the key is then announced on the backplane, as
+//! `set` does. The others wait:
 //! woken by that announcement, or every third of the lease without one,
 //! they read Redis again, serve the value once it is there, and take the
 //! lock themselves once it is free (the holder gave up, or died and its
@@ -32,7 +37,7 @@ use crate::backplane::Event;
 use crate::cache::{Inner, TieredCache};
 use crate::codec::Codec;
 use crate::l1::{later, L1Entry};
-use crate::l2::{budget, L2};
+use crate::l2::{budget, LockToken, LockTry, L2};
 use crate::options::EntryOptions;
 use crate::tiers::Claim;
 
@@ -74,15 +79,25 @@ impl FleetWaits {
 }
 
 /// A held fleet lock. Dropping it stops the renewals, releases the lock
-/// (if it is still this holder's) and announces the key, in a task: the
-/// drop may happen in a cancelled caller.
+/// (if it is still this holder's, and the load's store did not release
+/// it already) and announces the key, in a task: the drop may happen in a
+/// cancelled caller.
 #[derive(Debug)]
 pub(crate) struct FleetLock {
     l2: L2,
     key: String,
-    token: String,
+    token: LockToken,
     renewals: JoinHandle<()>,
     cache: Weak<Inner>,
+    /// The load's store released it (`scripts/store.lua`).
+    released: bool,
+}
+
+impl FleetLock {
+    /// The load's store released the lock: dropping it only announces.
+    pub(crate) fn released_by_store(&mut self) {
+        self.released = true;
+    }
 }
 
 impl Drop for FleetLock {
@@ -91,14 +106,17 @@ impl Drop for FleetLock {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // no runtime left: the lease ends it
         };
-        let (l2, key, token) = (
+        let (l2, key, token, released) = (
             self.l2.clone(),
             std::mem::take(&mut self.key),
-            std::mem::take(&mut self.token),
+            self.token,
+            self.released,
         );
         let cache = std::mem::take(&mut self.cache);
         runtime.spawn(async move {
-            let _ = l2.unlock(&key, &token).await;
+            if !released {
+                let _ = l2.unlock(&key, token).await;
+            }
             if let Some(inner) = cache.upgrade() {
                 // Local waiters (callers who took over a cancelled load)
                 // and other instances look again.
@@ -138,10 +156,11 @@ impl TieredCache {
         let Some(l2) = &tiers.l2 else {
             return Turn::Load(None, claim);
         };
-        if !claim.read_redis() {
+        let Some(mut seen) = claim.version() else {
             return Turn::Load(None, claim); // Redis failed: no lock to take
-        }
-        let token = format!("{:032x}", rand::random::<u128>());
+        };
+        let mut claim = claim;
+        let token = LockToken::random();
         let mut spent = claim.spent();
         let bound = options
             .resolve(&self.inner.defaults)
@@ -149,55 +168,85 @@ impl TieredCache {
             .unwrap_or(self.inner.background_timeout);
         let deadline = later(Instant::now(), bound);
         let poll = lease / 3;
-        let mut first = true;
+        // Whether this caller waited since its claim was read: it then
+        // reads the value again first, and a lock it takes needs a claim
+        // from after the holder's store.
+        let mut waited = false;
+        // Whether it read the entry again for a store it had missed.
+        let mut reread = false;
+        let fresh = |e: &Arc<L1Entry>| e.is_fresh(Instant::now());
         loop {
             // Watched before Redis is asked, so no announcement in between is missed.
             let notify = self.inner.fleet_waits.watch(key);
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let left = l2.timeout().saturating_sub(spent);
             let asked = Instant::now();
-            if !first {
+            let left = || l2.timeout().saturating_sub(spent + asked.elapsed());
+            if waited {
                 // The value only (one GET): the claim is read again only
                 // by a caller that goes on to load.
-                let found = budget::within(left, tiers.read_l2::<V, C>(key)).await;
-                if let Some(entry) = found.filter(|e| e.is_fresh(Instant::now())) {
+                let found = budget::within(left(), tiers.read_l2::<V, C>(key)).await;
+                if let Some(entry) = found.filter(fresh) {
                     self.inner.fleet_waits.unwatch(key, &notify);
                     return Turn::Found(entry);
                 }
             }
-            let left = left.saturating_sub(asked.elapsed());
-            let taken = budget::within(left, l2.try_lock(key, &token, lease)).await;
+            let mut taken = budget::within(left(), l2.try_lock(key, token, lease)).await;
+            if let Ok(LockTry::Stored(version)) = taken {
+                if version > seen && !reread {
+                    // The last holder stored the entry after this caller
+                    // read it (and released the lock before this caller
+                    // asked for it): read it, do not load it again.
+                    reread = true;
+                    let (found, now) =
+                        budget::within(left(), tiers.read_claimed::<V, C>(key)).await;
+                    if let Some(entry) = found.filter(fresh) {
+                        self.inner.fleet_waits.unwatch(key, &notify);
+                        return Turn::Found(entry);
+                    }
+                    let Some(now_seen) = now.version() else {
+                        self.inner.fleet_waits.unwatch(key, &notify);
+                        return Turn::Load(None, now);
+                    };
+                    (claim, seen, waited) = (now, now_seen, false);
+                }
+                // What that holder stored is nothing this caller can use
+                // (it read it, or what replaced it, since): the lock is
+                // free to take unless another instance took it meanwhile.
+                taken = budget::within(left(), l2.take_over_lock(key, version, token, lease))
+                    .await
+                    .map(|won| if won { LockTry::Taken } else { LockTry::Held });
+            }
             spent += asked.elapsed();
             match taken {
-                Ok(true) => {
+                Ok(LockTry::Taken) => {
                     self.inner.fleet_waits.unwatch(key, &notify);
                     let lock = self.hold(l2, key, token, lease);
-                    if first {
-                        return Turn::Load(Some(lock), claim);
+                    if !waited {
+                        return Turn::Load(Some(lock), claim.holding(token));
                     }
                     // The claim must come from after the holder's store.
                     let left = l2.timeout().saturating_sub(spent);
                     let (found, claim) =
                         budget::within(left, tiers.read_claimed::<V, C>(key)).await;
-                    if let Some(entry) = found.filter(|e| e.is_fresh(Instant::now())) {
+                    if let Some(entry) = found.filter(fresh) {
                         return Turn::Found(entry); // the lock is released on drop
                     }
-                    return Turn::Load(Some(lock), claim);
+                    return Turn::Load(Some(lock), claim.holding(token));
                 }
-                Ok(false) if has_stale => {
+                Ok(LockTry::Held | LockTry::Stored(_)) if has_stale => {
                     self.inner.fleet_waits.unwatch(key, &notify);
                     return Turn::Stale;
                 }
-                Ok(false) => {}
+                Ok(LockTry::Held | LockTry::Stored(_)) => {}
                 // Redis failed, the breaker is open, or the budget is spent.
                 Err(_) => {
                     self.inner.fleet_waits.unwatch(key, &notify);
                     return Turn::Load(None, claim);
                 }
             }
-            first = false;
+            waited = true;
             let wake_at = later(Instant::now(), poll).min(deadline);
             tokio::select! {
                 () = &mut notified => {}
@@ -215,13 +264,13 @@ impl TieredCache {
     /// renewal that fails stops the renewals: the lock is then lost when
     /// the lease ends, and another instance may load too (the store's
     /// compare-and-set keeps that safe).
-    fn hold(&self, l2: &L2, key: &str, token: String, lease: Duration) -> Box<FleetLock> {
+    fn hold(&self, l2: &L2, key: &str, token: LockToken, lease: Duration) -> Box<FleetLock> {
         let renewals = {
-            let (l2, key, token) = (l2.clone(), key.to_owned(), token.clone());
+            let (l2, key) = (l2.clone(), key.to_owned());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(lease / 3).await;
-                    if !matches!(l2.renew_lock(&key, &token, lease).await, Ok(true)) {
+                    if !matches!(l2.renew_lock(&key, token, lease).await, Ok(true)) {
                         tracing::debug!("a fleet lock could not be renewed; another instance may load the key too");
                         return;
                     }
@@ -234,6 +283,7 @@ impl TieredCache {
             token,
             renewals,
             cache: Arc::downgrade(&self.inner),
+            released: false,
         })
     }
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::fleet::FleetLock;
 use tokio::sync::watch;
 
 type Shared = Arc<dyn Any + Send + Sync>;
@@ -50,7 +51,7 @@ pub(crate) struct Leader {
     tx: watch::Sender<Option<Shared>>,
     /// What lives exactly as long as the load, its store included (a fleet
     /// lock): dropped with the leader, after the flight is removed.
-    held: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+    held: Option<Box<FleetLock>>,
 }
 
 /// Held by a caller waiting on someone else's load.
@@ -108,8 +109,15 @@ impl Flights {
 
 impl Leader {
     /// Keeps `guard` until the load ends (the leader is dropped or finishes).
-    pub(crate) fn hold(&mut self, guard: Box<dyn std::fmt::Debug + Send + Sync>) {
+    pub(crate) fn hold(&mut self, guard: Box<FleetLock>) {
         self.held = Some(guard);
+    }
+
+    /// The load's store released the fleet lock it holds (if any) itself.
+    pub(crate) fn lock_released(&mut self) {
+        if let Some(lock) = &mut self.held {
+            lock.released_by_store();
+        }
     }
 
     /// A waiter on this leader's own flight (for a caller that hands the

@@ -27,7 +27,7 @@ use crate::flight::{Leader, Waiter};
 use crate::l1::{later, AnyValue, L1Entry};
 use crate::loader::Load;
 use crate::options::{EntryOptions, Resolved};
-use crate::tiers::{prepare, typed, Claim, Origin, Prepared};
+use crate::tiers::{prepare, typed, Claim, Committed, Origin, Prepared};
 
 /// `-ln(rand)` exceeds this with probability e^-12 (about 6 in a million), so
 /// entries further than `delta * beta * CUTOFF` from expiry skip the random
@@ -231,7 +231,7 @@ impl TieredCache {
         &self,
         key: &str,
         prepared: Prepared,
-        leader: Leader,
+        mut leader: Leader,
         claim: Claim,
     ) {
         let Some(l2) = &self.inner.tiers.l2 else {
@@ -244,10 +244,17 @@ impl TieredCache {
         let this = self.clone();
         let key = key.to_owned();
         let store = tokio::spawn(async move {
-            this.inner.tiers.commit(&key, prepared).await;
+            let committed = this.inner.tiers.commit(&key, prepared).await;
+            if matches!(committed, Committed::Stored(_)) {
+                // The store script released a fleet lock held with the claim.
+                leader.lock_released();
+            }
             drop(leader);
         });
-        let _ = tokio::time::timeout(budget, store).await;
+        // Less than a tick left: the store goes on without this caller.
+        if let Some(wait) = crate::l2::budget::timer_if_a_tick_is_left(budget) {
+            let _ = tokio::time::timeout(wait, store).await;
+        }
     }
 
     /// Before an early refresh calls its loader: another instance may have

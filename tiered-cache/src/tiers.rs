@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::events::Event;
 use crate::events::LogLimit;
 use crate::l1::{later, AnyValue, L1Entry, Ticket, L1};
-use crate::l2::{L2Fault, Versioned, Write, L2};
+use crate::l2::{L2Fault, LockToken, Versioned, Write, L2};
 use crate::options::Resolved;
 use crate::stats::Stats;
 use crate::tags::TagVersions;
@@ -50,17 +50,25 @@ pub(crate) struct Claim {
     l2: Option<u64>,
     /// How long reading Redis took: spent from the call's L2 budget.
     spent: Duration,
+    /// The fleet lock this load holds, which its store releases.
+    lock: Option<LockToken>,
 }
 
 impl Claim {
-    /// Whether Redis answered the claim's read.
-    pub(crate) fn read_redis(&self) -> bool {
-        self.l2.is_some()
-    }
-
     /// How long the claim's read took.
     pub(crate) fn spent(&self) -> Duration {
         self.spent
+    }
+
+    /// The version the claim's read found in Redis, if it answered.
+    pub(crate) fn version(&self) -> Option<u64> {
+        self.l2
+    }
+
+    /// This claim, for a load that holds the entry's fleet lock with `token`.
+    pub(crate) fn holding(mut self, token: LockToken) -> Self {
+        self.lock = Some(token);
+        self
     }
 
     /// What is left of an L2 budget of `budget` after the claim's read.
@@ -309,6 +317,7 @@ impl Tiers {
             l1: self.ticket(key),
             l2: seen,
             spent: started.elapsed(),
+            lock: None,
         };
         Reserved {
             version: seen.unwrap_or_else(local_version),
@@ -321,9 +330,13 @@ impl Tiers {
         let Some(l2) = &self.l2 else {
             return L2Store::Skipped;
         };
-        let write = match origin {
-            Origin::Write => Write::Always,
-            Origin::Load(Claim { l2: Some(seen), .. }) => Write::IfVersion(seen),
+        let (write, lock) = match origin {
+            Origin::Write => (Write::Always, None),
+            Origin::Load(Claim {
+                l2: Some(seen),
+                lock,
+                ..
+            }) => (Write::IfVersion(seen), lock),
             // Redis did not answer before the load: what it holds is unknown,
             // so the load's value stays out of it.
             Origin::Load(Claim { l2: None, .. }) => return L2Store::Skipped,
@@ -334,7 +347,18 @@ impl Tiers {
             let _ = l2.invalidate(key).await;
             return L2Store::Skipped;
         }
-        match l2.store(key, bytes, keep, write, entry::VERSION_AT).await {
+        let mut stored = l2
+            .store(key, bytes, keep, write, entry::VERSION_AT, lock)
+            .await;
+        if let Err(L2Fault::WrongType) = stored {
+            // Deleted as a bad entry (nothing was written); then this one
+            // takes its place.
+            self.bad_entry(key, "holds another Redis type").await;
+            stored = l2
+                .store(key, bytes, keep, write, entry::VERSION_AT, lock)
+                .await;
+        }
+        match stored {
             Ok(Some(version)) => L2Store::Stored(version),
             Ok(None) => L2Store::Refused,
             // Counted and logged by the L2 tier; L1 still gets the value.
@@ -376,17 +400,14 @@ impl Tiers {
             l1: ticket,
             l2: None,
             spent: started.elapsed(),
+            lock: None,
         };
         let Some(l2) = &self.l2 else {
             return (None, unclaimed());
         };
-        let mut read = l2.get_versioned(key).await;
-        if let Err(L2Fault::WrongType) = read {
-            // Deleted as a bad entry; the load may then take its place.
-            self.bad_entry(key, "holds another Redis type").await;
-            read = l2.get_versioned(key).await;
-        }
-        let Ok(found) = read else {
+        // A key of another Redis type reads as absent here: the load's
+        // store counts and replaces it.
+        let Ok(found) = l2.get_versioned(key).await else {
             return (None, unclaimed()); // counted and logged by the L2 tier
         };
         let entry = match found.bytes {
@@ -400,6 +421,7 @@ impl Tiers {
             l1: ticket,
             l2: Some(found.version),
             spent: started.elapsed(),
+            lock: None,
         };
         (entry, claim)
     }
@@ -444,6 +466,7 @@ impl Tiers {
                 l1: tickets[n],
                 l2: read.filter(|_| claims).map(|r| r.version),
                 spent,
+                lock: None,
             };
             let entry = match read.and_then(|r| r.bytes.as_deref()) {
                 Some(bytes) => {

@@ -34,9 +34,51 @@ pub(crate) fn time_left(timeout: Duration) -> Duration {
         .map_or(timeout, |left| left.min(timeout))
 }
 
+/// How early a timer that must end by a budget is set. tokio's timer wheel
+/// fires a timer at the first millisecond tick at or after its deadline,
+/// so a timer of exactly what is left of a budget ends up to 1 ms past it
+/// (on a busy runtime the 64 timers of a frozen Redis all fire that late).
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+/// The duration to give a timer for a wait of at most `left`, so that it
+/// fires by then: `left` less one tick (less only a quarter of `left` when
+/// that is shorter, so that a short wait is not cut to nothing).
+pub(crate) fn timer(left: Duration) -> Duration {
+    left.saturating_sub(TIMER_TICK.min(left / 4))
+}
+
+/// [`timer`] for a wait that may as well not happen (what it waits for
+/// goes on without the caller): `None` when less than a tick is left, as
+/// such a timer could only fire at the next tick, past the budget.
+pub(crate) fn timer_if_a_tick_is_left(left: Duration) -> Option<Duration> {
+    (left >= TIMER_TICK).then(|| timer(left))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timer_is_set_one_tick_early_and_never_cut_to_nothing() {
+        assert_eq!(
+            timer(Duration::from_millis(250)),
+            Duration::from_millis(249)
+        );
+        assert_eq!(
+            timer(Duration::from_millis(2)),
+            Duration::from_micros(1_500)
+        );
+        assert_eq!(
+            timer(Duration::from_micros(400)),
+            Duration::from_micros(300)
+        );
+        assert_eq!(timer(Duration::ZERO), Duration::ZERO);
+        assert_eq!(timer_if_a_tick_is_left(Duration::from_micros(900)), None);
+        assert_eq!(
+            timer_if_a_tick_is_left(Duration::from_millis(4)),
+            Some(Duration::from_millis(3))
+        );
+    }
 
     #[tokio::test]
     async fn commands_share_the_outer_budget() {

@@ -26,6 +26,7 @@ mod stream;
 
 pub(crate) use conn::Target;
 use conn::{Conn, Endpoint};
+pub(crate) use lock::{LockToken, LockTry};
 pub(crate) use pubsub::{Health, Messages};
 pub(crate) use stream::StreamEntry;
 
@@ -253,7 +254,8 @@ impl L2 {
             return Err(L2Fault::BreakerOpen);
         };
         let started = self.stats.export.clock();
-        let outcome = match tokio::time::timeout(timeout, send(self.conn.clone())).await {
+        let timer = budget::timer(timeout);
+        let outcome = match tokio::time::timeout(timer, send(self.conn.clone())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_wrong_type(&e) => Err(L2Fault::WrongType),
             Ok(Err(e)) if is_about_the_command(&e) => Err(L2Fault::Rejected(e)),
@@ -369,17 +371,13 @@ impl L2 {
         k
     }
 
-    /// An entry and, read just before it, the version a write must still
-    /// find to replace it (0: never written). One round trip.
+    /// An entry and the version a write must still find to replace it (0:
+    /// never written), read together: one MGET, one command. A key of
+    /// another Redis type reads as absent (MGET never fails on one); the
+    /// store that follows a load finds it (`scripts/store.lua`).
     pub(crate) async fn get_versioned(&self, body: &str) -> Result<Versioned, L2Fault> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(self.version_key(body));
-        pipe.cmd("GET").arg(self.key(body));
-        let (version, bytes): (Option<Vec<u8>>, Option<Vec<u8>>) = self.run_pipe(&pipe).await?;
-        Ok(Versioned {
-            bytes,
-            version: parse_version(version.as_deref()),
-        })
+        let mut read = self.mget_versioned(&[body]).await?;
+        read.pop().ok_or(L2Fault::Malformed)
     }
 
     /// [`get_versioned`](Self::get_versioned) for many entries: one MGET.
@@ -411,7 +409,9 @@ impl L2 {
     /// is still `seen` (nobody wrote or invalidated it since). The script
     /// gives the entry a new version, greater than every earlier one, and
     /// writes it into the envelope at `version_at`. Returns that version, or
-    /// `None` when a newer write won.
+    /// `None` when a newer write won. With `lock` (a load that holds the
+    /// entry's fleet lock with that token), a write that happens releases
+    /// the lock too, leaving the marker of its version (see `lock.rs`).
     pub(crate) async fn store(
         &self,
         body: &str,
@@ -419,6 +419,7 @@ impl L2 {
         ttl: Duration,
         write: Write,
         version_at: usize,
+        lock: Option<LockToken>,
     ) -> Result<Option<u64>, L2Fault> {
         let ttl = millis(ttl);
         let keep = ttl.saturating_add(millis(VERSION_KEEP)).to_string();
@@ -427,14 +428,19 @@ impl L2 {
             Write::IfVersion(seen) => seen.to_string(),
         };
         let (ttl, at) = (ttl.to_string(), version_at.to_string());
-        let keys = [self.key(body), self.version_key(body)];
-        let args: [&[u8]; 5] = [
+        let mut keys = vec![self.key(body), self.version_key(body)];
+        let token = lock.map(LockToken::text).unwrap_or_default();
+        let mut args: Vec<&[u8]> = vec![
             envelope,
             ttl.as_bytes(),
             keep.as_bytes(),
             seen.as_bytes(),
             at.as_bytes(),
         ];
+        if lock.is_some() {
+            keys.push(self.lock_key(body));
+            args.push(token.as_bytes());
+        }
         let version: u64 = self
             .run_script(include_str!("scripts/store.lua"), &keys, &args)
             .await?;

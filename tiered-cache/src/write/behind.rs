@@ -199,8 +199,7 @@ impl<E: Entity, S: Store<E>> Shared<E, S> {
             _ => {
                 // Redis kept its older value: drop it everywhere (this
                 // handle's reads still see the queued write).
-                cache.record(Event::WriteFallback);
-                let _ = cache.invalidate(&key).await;
+                let _ = cache.invalidate_instead(&key).await;
                 local_version()
             }
         };

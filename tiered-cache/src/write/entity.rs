@@ -293,10 +293,10 @@ impl<E: Entity, S: Store<E>> EntityCache<E, S> {
             // Redis failed, refused the value (too large), or it did not
             // encode: never a silent success. The others must not keep the
             // old value, so the key is invalidated everywhere instead.
-            Ok(Committed::NotInRedis) | Err(_) => {
-                cache.record(Event::WriteFallback);
-                cache.invalidate(&key).await.map_err(stale_elsewhere)
-            }
+            Ok(Committed::NotInRedis) | Err(_) => cache
+                .invalidate_instead(&key)
+                .await
+                .map_err(stale_elsewhere),
         }
     }
 

@@ -30,6 +30,11 @@ mod store;
 
 use std::time::Duration;
 
+use crate::cache::TieredCache;
+use crate::error::Error;
+use crate::events::Event;
+use crate::key::Key;
+
 pub use entity::{Entity, EntityCache, WarmLoad, WarmLoader};
 pub use store::Store;
 
@@ -259,5 +264,21 @@ impl<E: std::error::Error + 'static> std::error::Error for WriteError<E> {
             WriteError::Store(e) => Some(e),
             WriteError::Cache(e) => Some(e),
         }
+    }
+}
+
+impl TieredCache {
+    /// The rule for a write whose cache update did not reach Redis although
+    /// the cache has one (Redis failed or refused it, the value was too
+    /// large, or it did not encode): counted in `write_fallbacks`, and the
+    /// key invalidated everywhere instead, so that no instance keeps
+    /// reading the value the write replaced. Write-through and write-behind
+    /// both follow it.
+    ///
+    /// # Errors
+    /// When the invalidation could not reach Redis either.
+    pub(crate) async fn invalidate_instead<V, C>(&self, key: &Key<V, C>) -> Result<(), Error> {
+        self.record(Event::WriteFallback);
+        self.invalidate(key).await
     }
 }
