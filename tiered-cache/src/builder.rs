@@ -37,6 +37,8 @@ pub struct TieredCacheBuilder {
     l2_timeout: Duration,
     background_timeout: Duration,
     backplane: bool,
+    /// Sharded pub/sub for the backplane on a cluster.
+    sharded_pubsub: bool,
     require_l2: bool,
     max_value_bytes: usize,
     breaker: BreakerSettings,
@@ -55,6 +57,7 @@ impl Default for TieredCacheBuilder {
             l2_timeout: Duration::from_millis(250),
             background_timeout: Duration::from_secs(30),
             backplane: true,
+            sharded_pubsub: false,
             require_l2: false,
             max_value_bytes: 1 << 20,
             breaker: BreakerSettings::default(),
@@ -150,6 +153,18 @@ impl TieredCacheBuilder {
     /// reads its tag versions from Redis. Default: true.
     pub fn backplane(mut self, enabled: bool) -> Self {
         self.backplane = enabled;
+        self
+    }
+
+    /// Which pub/sub the backplane uses on a Redis Cluster: classic
+    /// `PUBLISH` (broadcast over the cluster bus to every node) or sharded
+    /// `SPUBLISH` (kept within the shard that owns the channel's slot;
+    /// Redis 7). No effect on one Redis. `benches/README.md` ("The
+    /// backplane's knee") has the figures behind the default.
+    /// Default: [`BackplaneMode::Classic`](crate::BackplaneMode::Classic).
+    #[cfg(feature = "cluster")]
+    pub fn backplane_mode(mut self, mode: crate::BackplaneMode) -> Self {
+        self.sharded_pubsub = mode == crate::BackplaneMode::Sharded;
         self
     }
 
@@ -258,6 +273,7 @@ impl TieredCacheBuilder {
                     namespace: self.namespace.clone(),
                     timeout: self.l2_timeout,
                     breaker: self.breaker,
+                    sharded_pubsub: self.sharded_pubsub,
                 };
                 let l2 = L2::connect(&config, Arc::clone(&stats))?;
                 if let Err(fault) = l2.ping().await {

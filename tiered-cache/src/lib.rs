@@ -160,6 +160,8 @@ pub mod write;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+#[cfg(feature = "cluster")]
+pub use backplane::BackplaneMode;
 pub use breaker::BreakerSettings;
 pub use builder::TieredCacheBuilder;
 pub use cache::TieredCache;

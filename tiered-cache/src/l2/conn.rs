@@ -119,6 +119,29 @@ impl Endpoint {
             Endpoint::Cluster(nodes) => nodes.next_client(),
         }
     }
+
+    /// A cluster client for a sharded subscriber: RESP3, pushes to `pushes`,
+    /// from every node known. `None` on one Redis.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn sharded_subscriber(
+        &self,
+        timeout: Duration,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> Option<redis::cluster::ClusterClient> {
+        match self {
+            Endpoint::Single(_) => None,
+            Endpoint::Cluster(nodes) => nodes.sharded_client(timeout, pushes),
+        }
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        match self {
+            Endpoint::Single(_) => false,
+            #[cfg(feature = "cluster")]
+            Endpoint::Cluster(_) => true,
+        }
+    }
 }
 
 impl super::L2 {
@@ -229,6 +252,23 @@ mod cluster {
             let n = self.next.fetch_add(1, Ordering::Relaxed);
             let info = all.get(n % all.len().max(1))?.clone();
             Client::open(info).ok().map(|client| resp2(&client))
+        }
+
+        pub(super) fn sharded_client(
+            &self,
+            timeout: Duration,
+            pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+        ) -> Option<ClusterClient> {
+            ClusterClient::builder(self.all())
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(pushes)
+                .retries(RETRIES)
+                .min_retry_wait(MIN_RETRY_WAIT_MS)
+                .max_retry_wait(MAX_RETRY_WAIT_MS)
+                .connection_timeout(timeout.max(Duration::from_millis(100)))
+                .response_timeout(timeout)
+                .build()
+                .ok()
         }
 
         /// Learns the nodes of a `CLUSTER SLOTS` reply: the seeds stay
