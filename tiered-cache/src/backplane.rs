@@ -32,8 +32,10 @@
 //! # On a Redis Cluster
 //! Classic pub/sub: the `PUBLISH` goes to the master of the channel's slot,
 //! which broadcasts it to every node over the cluster bus, so the
-//! subscriber may listen on any one node. Each (re)subscription goes to the
-//! next of the configured nodes, so a subscriber whose node died (or was
+//! subscriber may listen on any one node. The first subscription goes to a
+//! random one of the configured nodes (so a fleet spreads its subscribers,
+//! and the fan-out, over them), each later one to the next node, so a
+//! subscriber whose node died (or was
 //! failed over, or paused past the health check) comes back on another one,
 //! with a gap counted and L1 cleared as above. Sharded pub/sub
 //! ([`BackplaneMode::Sharded`]: `SPUBLISH`/`SSUBSCRIBE`, Redis 7) keeps each

@@ -109,9 +109,10 @@ impl TieredCacheBuilder {
     /// A Redis Cluster as the shared tier, from the URLs of some of its
     /// nodes (`redis://[:password@]host:port`; the client learns the rest,
     /// and follows resharding and failovers). Every node needs the same
-    /// user, password and TLS mode. The backplane subscribes on one of
-    /// these nodes at a time and moves to the next when it loses it, so
-    /// give more than one. Replaces [`redis`](Self::redis).
+    /// user, password and TLS mode. The backplane (in classic mode)
+    /// subscribes on one of these nodes at a time, first a random one, and
+    /// moves to the next when it loses it, so give more than one (all the
+    /// masters and replicas spread a fleet's subscribers best). Replaces [`redis`](Self::redis).
     /// Default: none, the cache is L1-only.
     #[cfg(feature = "cluster")]
     pub fn redis_cluster<I>(mut self, urls: I) -> Self

@@ -235,7 +235,12 @@ mod cluster {
     pub(crate) struct Nodes {
         seeds: Vec<ConnectionInfo>,
         known: RwLock<Vec<ConnectionInfo>>,
-        /// The node the next subscriber connects to (round robin).
+        /// The node the next subscriber connects to (round robin). It starts
+        /// at a random seed, so that a fleet configured with the same list
+        /// spreads its classic subscribers over the seeds instead of
+        /// putting them all on the first one, which would then write every
+        /// message to every instance alone (`benches/README.md`, "The
+        /// backplane's knee").
         next: std::sync::atomic::AtomicUsize,
     }
 
@@ -510,10 +515,11 @@ mod cluster {
             .with_source(redact(e))
         })?;
         let conn = client.get_pending_async_connection_with_config(settings.config());
+        let first = rand::random_range(0..seeds.len());
         let nodes = std::sync::Arc::new(Nodes {
             known: RwLock::new(seeds.clone()),
             seeds,
-            next: std::sync::atomic::AtomicUsize::new(0),
+            next: std::sync::atomic::AtomicUsize::new(first),
         });
         let healing = Healing {
             settings,
