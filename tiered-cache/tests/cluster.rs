@@ -437,6 +437,100 @@ async fn killing_a_master_under_load_shows_callers_no_error() {
         .expect("the killed node rejoins as a replica");
 }
 
+/// Sharded pub/sub through a failover of the channel's own master: the
+/// sharded subscribers lose their node, come back on the promoted replica
+/// (a counted gap, L1 cleared), and invalidations flow again; no
+/// subscription is left on a dead node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_subscribers_follow_a_failover_of_their_master() {
+    let backend = Backend::cluster().await;
+    let cluster = cluster_of(&backend);
+    // A namespace whose channel lives on the master `kill_master` kills
+    // (the first one): a plain connection to it answers a command on the
+    // channel's name as a key instead of MOVED.
+    let victim = cluster.masters().expect("ROLE")[0];
+    let mut direct = redis::Client::open(cluster.urls()[victim].as_str())
+        .and_then(|c| c.get_connection())
+        .expect("connection");
+    let namespace = (0..1000)
+        .map(|n| format!("sfail{n}"))
+        .find(|ns| {
+            redis::cmd("EXISTS")
+                .arg(format!("{ns}:#backplane"))
+                .query::<u64>(&mut direct)
+                .is_ok()
+        })
+        .expect("a namespace whose channel the first master owns");
+    let build = || {
+        TieredCache::builder()
+            .namespace(&namespace)
+            .redis_cluster(cluster.urls())
+            .backplane_mode(BackplaneMode::Sharded)
+            .require_l2(true)
+            .build()
+    };
+    let (writer, reader) = (build().await.expect("build"), build().await.expect("build"));
+    let key = support::key(1);
+    let opts = support::opts();
+    writer
+        .set(&key, support::product(1), &opts)
+        .await
+        .expect("set");
+    support::until("the first announcement", || {
+        reader.stats().invalidations_received >= 1
+    })
+    .await;
+    assert!(reader.get(&key).await.is_some(), "in L1 now");
+
+    let failover = tokio::task::spawn_blocking(move || cluster.kill_master())
+        .await
+        .expect("join")
+        .expect("the replica takes over");
+    support::until("the reader resubscribes", || {
+        reader.stats().backplane_gaps >= 1
+    })
+    .await;
+    // Messages flow again (the writer's own publishing may need the new
+    // topology first: keep writing until the reader hears one).
+    let received = reader.stats().invalidations_received;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while reader.stats().invalidations_received == received {
+        n += 1;
+        let _ = writer.set(&key, support::product(100 + n), &opts).await;
+        assert!(
+            Instant::now() < deadline,
+            "the reader hears nothing after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The writer's subscriber was on the killed node too.
+    let channel = format!("{namespace}:#backplane");
+    let shard_subscribers = || -> u64 {
+        backend
+            .on_nodes::<(String, u64)>(redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel))
+            .into_iter()
+            .map(|(_, n)| n)
+            .sum()
+    };
+    support::until("both subscribed again, on live nodes", || {
+        shard_subscribers() == 2
+    })
+    .await;
+    assert!(writer.stats().backplane_gaps >= 1, "{:?}", writer.stats());
+    println!(
+        "sharded failover: node {} killed, node {} promoted in {:?}; reader gaps {}",
+        failover.killed,
+        failover.promoted,
+        failover.took,
+        reader.stats().backplane_gaps
+    );
+    tokio::task::spawn_blocking(move || cluster.restart(failover.killed))
+        .await
+        .expect("join")
+        .expect("the killed node rejoins as a replica");
+}
+
 /// Subscribers of `channel` on node `node` alone.
 fn backend_subscribers_on(cluster: &RedisCluster, node: usize, channel: &str) -> u64 {
     let url = cluster.urls()[node].clone();
