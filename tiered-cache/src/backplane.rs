@@ -32,14 +32,17 @@
 //! # On a Redis Cluster
 //! Classic pub/sub: the `PUBLISH` goes to the master of the channel's slot,
 //! which broadcasts it to every node over the cluster bus, so the
-//! subscriber may listen on any one node. Each (re)subscription goes to the
-//! next of the configured nodes, so a subscriber whose node died (or was
+//! subscriber may listen on any one node. The first subscription goes to a
+//! random one of the configured nodes (so a fleet spreads its subscribers,
+//! and the fan-out, over them), each later one to the next node, so a
+//! subscriber whose node died (or was
 //! failed over, or paused past the health check) comes back on another one,
 //! with a gap counted and L1 cleared as above. Sharded pub/sub
-//! (`SSUBSCRIBE`, Redis 7) would keep each message within one shard instead
-//! of the whole bus; it needs RESP3 and the cluster connection in redis-rs
-//! 1.8, whose resubscription after a failover is unconfirmed
-//! (NOTES-wave2 §4). Measuring the two is a later step.
+//! ([`BackplaneMode::Sharded`]: `SPUBLISH`/`SSUBSCRIBE`, Redis 7) keeps each
+//! message within the shard that owns the channel's slot instead of the
+//! whole bus; its subscriber is a RESP3 cluster connection of its own
+//! (`l2/pubsub.rs` says when it counts as lost). `benches/README.md`
+//! ("The backplane's knee") compares the two on the test cluster.
 //!
 //! Publishing goes through the L2 tier's multiplexed connection, under its
 //! timeout and error accounting.
@@ -59,6 +62,23 @@ use crate::l1::L1;
 use crate::l2::{Health, L2Fault, Messages, L2};
 use crate::stats::Stats;
 use crate::tags::TagVersions;
+
+/// Which Redis pub/sub carries the backplane on a Redis Cluster
+/// ([`TieredCacheBuilder::backplane_mode`](crate::TieredCacheBuilder::backplane_mode)).
+/// On one Redis both are the same and classic is used.
+#[cfg(feature = "cluster")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BackplaneMode {
+    /// `PUBLISH`/`SUBSCRIBE`: the channel's master broadcasts every
+    /// message to every node over the cluster bus, and each instance
+    /// subscribes on any one node (moving to another when it is lost).
+    #[default]
+    Classic,
+    /// `SPUBLISH`/`SSUBSCRIBE` (Redis 7): a message stays within the shard
+    /// that owns the channel's slot, and every instance subscribes there.
+    Sharded,
+}
 
 /// One invalidation, as sent between instances.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,6 +37,8 @@ pub struct TieredCacheBuilder {
     l2_timeout: Duration,
     background_timeout: Duration,
     backplane: bool,
+    /// Sharded pub/sub for the backplane on a cluster.
+    sharded_pubsub: bool,
     require_l2: bool,
     max_value_bytes: usize,
     breaker: BreakerSettings,
@@ -55,6 +57,7 @@ impl Default for TieredCacheBuilder {
             l2_timeout: Duration::from_millis(250),
             background_timeout: Duration::from_secs(30),
             backplane: true,
+            sharded_pubsub: false,
             require_l2: false,
             max_value_bytes: 1 << 20,
             breaker: BreakerSettings::default(),
@@ -106,9 +109,10 @@ impl TieredCacheBuilder {
     /// A Redis Cluster as the shared tier, from the URLs of some of its
     /// nodes (`redis://[:password@]host:port`; the client learns the rest,
     /// and follows resharding and failovers). Every node needs the same
-    /// user, password and TLS mode. The backplane subscribes on one of
-    /// these nodes at a time and moves to the next when it loses it, so
-    /// give more than one. Replaces [`redis`](Self::redis).
+    /// user, password and TLS mode. The backplane (in classic mode)
+    /// subscribes on one of these nodes at a time, first a random one, and
+    /// moves to the next when it loses it, so give more than one (all the
+    /// masters and replicas spread a fleet's subscribers best). Replaces [`redis`](Self::redis).
     /// Default: none, the cache is L1-only.
     #[cfg(feature = "cluster")]
     pub fn redis_cluster<I>(mut self, urls: I) -> Self
@@ -150,6 +154,18 @@ impl TieredCacheBuilder {
     /// reads its tag versions from Redis. Default: true.
     pub fn backplane(mut self, enabled: bool) -> Self {
         self.backplane = enabled;
+        self
+    }
+
+    /// Which pub/sub the backplane uses on a Redis Cluster: classic
+    /// `PUBLISH` (broadcast over the cluster bus to every node) or sharded
+    /// `SPUBLISH` (kept within the shard that owns the channel's slot;
+    /// Redis 7). No effect on one Redis. `benches/README.md` ("The
+    /// backplane's knee") has the figures behind the default.
+    /// Default: [`BackplaneMode::Classic`](crate::BackplaneMode::Classic).
+    #[cfg(feature = "cluster")]
+    pub fn backplane_mode(mut self, mode: crate::BackplaneMode) -> Self {
+        self.sharded_pubsub = mode == crate::BackplaneMode::Sharded;
         self
     }
 
@@ -258,6 +274,7 @@ impl TieredCacheBuilder {
                     namespace: self.namespace.clone(),
                     timeout: self.l2_timeout,
                     breaker: self.breaker,
+                    sharded_pubsub: self.sharded_pubsub,
                 };
                 let l2 = L2::connect(&config, Arc::clone(&stats))?;
                 if let Err(fault) = l2.ping().await {

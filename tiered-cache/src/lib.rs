@@ -91,8 +91,13 @@
 //! counter shares its slot, so the compare-and-set scripts run as they do on
 //! one Redis. Resharding and failover are followed by the client; while a
 //! shard has no master, its keys are served from L1 and the loader, like any
-//! Redis outage. The backplane uses classic pub/sub, which the cluster bus
-//! carries to every node, and subscribes on one node at a time.
+//! Redis outage. The backplane uses classic pub/sub by default, which the
+//! cluster bus carries to every node, and subscribes on one node at a time
+//! (a random configured one first, so a fleet spreads over them);
+//! `TieredCacheBuilder::backplane_mode(BackplaneMode::Sharded)` switches to
+//! sharded pub/sub (`SPUBLISH`, Redis 7), which keeps messages within the
+//! channel's shard. `benches/README.md` ("The backplane's knee") measured
+//! both and says why classic is the default.
 //!
 //! # Tour
 //!
@@ -161,6 +166,8 @@ pub mod write;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+#[cfg(feature = "cluster")]
+pub use backplane::BackplaneMode;
 pub use breaker::BreakerSettings;
 pub use builder::TieredCacheBuilder;
 pub use cache::TieredCache;

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{subscribers, Backend, DbError};
+use support::{subscribers, Backend, DbError, TestRedis};
 use tiered_cache::testkit::RedisCluster;
-use tiered_cache::{EntryOptions, Key, TieredCache};
+use tiered_cache::{BackplaneMode, EntryOptions, Key, TieredCache};
 
 /// The cluster of a test that holds the shared cluster's turn.
 fn cluster_of(backend: &Backend) -> &'static RedisCluster {
@@ -88,6 +88,103 @@ async fn a_cache_on_the_cluster_writes_reads_and_invalidates() {
         "its tag was bumped"
     );
     assert_eq!(fresh.stats().l2_errors, 0, "{:?}", fresh.stats());
+}
+
+/// The backplane in both pub/sub modes: one instance's overwrite, key
+/// invalidation and tag bump each reach the other's L1, with no gap. The
+/// subscriptions are where each mode puts them: classic ones count in
+/// `PUBSUB NUMSUB`, sharded ones in `PUBSUB SHARDNUMSUB`, and only on the
+/// channel's shard (its master: 2 there, none on the other nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_arrive_over_classic_and_sharded_pubsub() {
+    let backend = Backend::cluster().await;
+    let cluster = cluster_of(&backend);
+    for mode in [BackplaneMode::Classic, BackplaneMode::Sharded] {
+        let namespace = format!("modes-{mode:?}");
+        let channel = format!("{namespace}:#backplane");
+        let build = || {
+            TieredCache::builder()
+                .namespace(&namespace)
+                .redis_cluster(cluster.urls())
+                .backplane_mode(mode)
+                .require_l2(true)
+                .build()
+        };
+        let (writer, reader) = (build().await.expect("build"), build().await.expect("build"));
+        let sharded: Vec<u64> = backend
+            .on_nodes::<(String, u64)>(redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel))
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        let classic = subscribers(&backend, &channel);
+        match mode {
+            BackplaneMode::Classic => {
+                assert_eq!((classic, sharded.iter().sum()), (2, 0), "{mode:?}");
+            }
+            _ => {
+                assert_eq!(classic, 0, "{mode:?}");
+                let mut on_nodes = sharded.clone();
+                on_nodes.sort_unstable();
+                assert_eq!(
+                    on_nodes,
+                    [0, 0, 0, 0, 0, 2],
+                    "{mode:?}: one node holds both"
+                );
+            }
+        }
+        let opts = support::opts().tag("products");
+        let (one, two) = (support::key(1), support::key(2));
+        writer
+            .set(&one, support::product(1), &opts)
+            .await
+            .expect("set");
+        writer
+            .set(&two, support::product(2), &opts)
+            .await
+            .expect("set");
+        let received = |n: u64| {
+            let reader = reader.clone();
+            async move {
+                support::until("the reader hears the writer", || {
+                    reader.stats().invalidations_received >= n
+                })
+                .await;
+            }
+        };
+        // The two writes' announcements first, so none is taken below for
+        // a later one.
+        received(2).await;
+        for key in [&one, &two] {
+            assert!(reader.get(key).await.is_some(), "{mode:?}: in L2, then L1");
+        }
+        let base = reader.stats().invalidations_received;
+        assert_eq!(base, 2, "{mode:?}");
+        writer
+            .set(&one, support::product(7), &opts)
+            .await
+            .expect("set");
+        received(base + 1).await;
+        assert_eq!(
+            reader.get(&one).await.as_deref(),
+            Some(&support::product(7)),
+            "{mode:?}: the overwrite dropped the old copy"
+        );
+        writer.invalidate(&one).await.expect("invalidate");
+        received(base + 2).await;
+        assert_eq!(reader.get(&one).await, None, "{mode:?}: invalidated");
+        writer
+            .invalidate_tag("products")
+            .await
+            .expect("invalidate_tag");
+        received(base + 3).await;
+        assert_eq!(reader.get(&two).await, None, "{mode:?}: its tag was bumped");
+        let stats = reader.stats();
+        assert_eq!(
+            (stats.backplane_gaps, stats.l2_errors),
+            (0, 0),
+            "{mode:?}: {stats:?}"
+        );
+    }
 }
 
 /// An entry's version counter (`#v`) lives in its entry's hash slot, so the
@@ -334,6 +431,100 @@ async fn killing_a_master_under_load_shows_callers_no_error() {
         "both subscribed"
     );
 
+    tokio::task::spawn_blocking(move || cluster.restart(failover.killed))
+        .await
+        .expect("join")
+        .expect("the killed node rejoins as a replica");
+}
+
+/// Sharded pub/sub through a failover of the channel's own master: the
+/// sharded subscribers lose their node, come back on the promoted replica
+/// (a counted gap, L1 cleared), and invalidations flow again; no
+/// subscription is left on a dead node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_subscribers_follow_a_failover_of_their_master() {
+    let backend = Backend::cluster().await;
+    let cluster = cluster_of(&backend);
+    // A namespace whose channel lives on the master `kill_master` kills
+    // (the first one): a plain connection to it answers a command on the
+    // channel's name as a key instead of MOVED.
+    let victim = cluster.masters().expect("ROLE")[0];
+    let mut direct = redis::Client::open(cluster.urls()[victim].as_str())
+        .and_then(|c| c.get_connection())
+        .expect("connection");
+    let namespace = (0..1000)
+        .map(|n| format!("sfail{n}"))
+        .find(|ns| {
+            redis::cmd("EXISTS")
+                .arg(format!("{ns}:#backplane"))
+                .query::<u64>(&mut direct)
+                .is_ok()
+        })
+        .expect("a namespace whose channel the first master owns");
+    let build = || {
+        TieredCache::builder()
+            .namespace(&namespace)
+            .redis_cluster(cluster.urls())
+            .backplane_mode(BackplaneMode::Sharded)
+            .require_l2(true)
+            .build()
+    };
+    let (writer, reader) = (build().await.expect("build"), build().await.expect("build"));
+    let key = support::key(1);
+    let opts = support::opts();
+    writer
+        .set(&key, support::product(1), &opts)
+        .await
+        .expect("set");
+    support::until("the first announcement", || {
+        reader.stats().invalidations_received >= 1
+    })
+    .await;
+    assert!(reader.get(&key).await.is_some(), "in L1 now");
+
+    let failover = tokio::task::spawn_blocking(move || cluster.kill_master())
+        .await
+        .expect("join")
+        .expect("the replica takes over");
+    support::until("the reader resubscribes", || {
+        reader.stats().backplane_gaps >= 1
+    })
+    .await;
+    // Messages flow again (the writer's own publishing may need the new
+    // topology first: keep writing until the reader hears one).
+    let received = reader.stats().invalidations_received;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while reader.stats().invalidations_received == received {
+        n += 1;
+        let _ = writer.set(&key, support::product(100 + n), &opts).await;
+        assert!(
+            Instant::now() < deadline,
+            "the reader hears nothing after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The writer's subscriber was on the killed node too.
+    let channel = format!("{namespace}:#backplane");
+    let shard_subscribers = || -> u64 {
+        backend
+            .on_nodes::<(String, u64)>(redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel))
+            .into_iter()
+            .map(|(_, n)| n)
+            .sum()
+    };
+    support::until("both subscribed again, on live nodes", || {
+        shard_subscribers() == 2
+    })
+    .await;
+    assert!(writer.stats().backplane_gaps >= 1, "{:?}", writer.stats());
+    println!(
+        "sharded failover: node {} killed, node {} promoted in {:?}; reader gaps {}",
+        failover.killed,
+        failover.promoted,
+        failover.took,
+        reader.stats().backplane_gaps
+    );
     tokio::task::spawn_blocking(move || cluster.restart(failover.killed))
         .await
         .expect("join")

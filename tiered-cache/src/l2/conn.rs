@@ -119,6 +119,29 @@ impl Endpoint {
             Endpoint::Cluster(nodes) => nodes.next_client(),
         }
     }
+
+    /// A cluster client for a sharded subscriber: RESP3, pushes to `pushes`,
+    /// from every node known. `None` on one Redis.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn sharded_subscriber(
+        &self,
+        timeout: Duration,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> Option<redis::cluster::ClusterClient> {
+        match self {
+            Endpoint::Single(_) => None,
+            Endpoint::Cluster(nodes) => nodes.sharded_client(timeout, pushes),
+        }
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        match self {
+            Endpoint::Single(_) => false,
+            #[cfg(feature = "cluster")]
+            Endpoint::Cluster(_) => true,
+        }
+    }
 }
 
 impl super::L2 {
@@ -212,7 +235,12 @@ mod cluster {
     pub(crate) struct Nodes {
         seeds: Vec<ConnectionInfo>,
         known: RwLock<Vec<ConnectionInfo>>,
-        /// The node the next subscriber connects to (round robin).
+        /// The node the next subscriber connects to (round robin). It starts
+        /// at a random seed, so that a fleet configured with the same list
+        /// spreads its classic subscribers over the seeds instead of
+        /// putting them all on the first one, which would then write every
+        /// message to every instance alone (`benches/README.md`, "The
+        /// backplane's knee").
         next: std::sync::atomic::AtomicUsize,
     }
 
@@ -229,6 +257,23 @@ mod cluster {
             let n = self.next.fetch_add(1, Ordering::Relaxed);
             let info = all.get(n % all.len().max(1))?.clone();
             Client::open(info).ok().map(|client| resp2(&client))
+        }
+
+        pub(super) fn sharded_client(
+            &self,
+            timeout: Duration,
+            pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+        ) -> Option<ClusterClient> {
+            ClusterClient::builder(self.all())
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(pushes)
+                .retries(RETRIES)
+                .min_retry_wait(MIN_RETRY_WAIT_MS)
+                .max_retry_wait(MAX_RETRY_WAIT_MS)
+                .connection_timeout(timeout.max(Duration::from_millis(100)))
+                .response_timeout(timeout)
+                .build()
+                .ok()
         }
 
         /// Learns the nodes of a `CLUSTER SLOTS` reply: the seeds stay
@@ -470,10 +515,11 @@ mod cluster {
             .with_source(redact(e))
         })?;
         let conn = client.get_pending_async_connection_with_config(settings.config());
+        let first = rand::random_range(0..seeds.len());
         let nodes = std::sync::Arc::new(Nodes {
             known: RwLock::new(seeds.clone()),
             seeds,
-            next: std::sync::atomic::AtomicUsize::new(0),
+            next: std::sync::atomic::AtomicUsize::new(first),
         });
         let healing = Healing {
             settings,

@@ -129,6 +129,9 @@ pub(crate) struct L2Config {
     pub(crate) namespace: String,
     pub(crate) timeout: Duration,
     pub(crate) breaker: BreakerSettings,
+    /// The backplane uses sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) when
+    /// the target is a cluster.
+    pub(crate) sharded_pubsub: bool,
 }
 
 /// The Redis tier.
@@ -144,6 +147,9 @@ pub(crate) struct L2 {
     /// Around every command: while open, commands are not sent.
     breaker: Arc<Breaker>,
     rejections: Arc<Rejections>,
+    /// `SPUBLISH`/`SSUBSCRIBE` instead of `PUBLISH`/`SUBSCRIBE` (only ever
+    /// set on a cluster).
+    sharded_pubsub: bool,
 }
 
 impl std::fmt::Debug for L2 {
@@ -162,7 +168,9 @@ impl L2 {
     pub(crate) fn connect(config: &L2Config, stats: Arc<Stats>) -> Result<Self, Error> {
         let (conn, endpoint) = conn::connect(&config.target, config.timeout)?;
         config.breaker.validate()?;
+        let sharded_pubsub = config.sharded_pubsub && endpoint.is_cluster();
         Ok(L2 {
+            sharded_pubsub,
             stats: Arc::clone(&stats),
             conn,
             endpoint: Arc::new(endpoint),
@@ -357,9 +365,15 @@ impl L2 {
         self.run_script(script, &[self.key(body)], &[]).await
     }
 
-    /// PUBLISH of one message on a channel from [`L2::channel`].
+    /// PUBLISH (SPUBLISH in sharded mode, routed to the channel's shard)
+    /// of one message on a channel from [`L2::channel`].
     pub(crate) async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), L2Fault> {
-        self.run::<()>(redis::cmd("PUBLISH").arg(channel).arg(payload))
+        let command = if self.sharded_pubsub {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        self.run::<()>(redis::cmd(command).arg(channel).arg(payload))
             .await
     }
 
