@@ -8,9 +8,9 @@
 //! It splits the multi-key commands this tier sends (MGET, UNLINK) per hash
 //! slot itself and puts the replies back in key order
 //! (redis-1.8.1 `cluster_handling/routing.rs`, `multi_shard`), so no
-//! command of ours can be `CROSSSLOT`: the scripts and the one pipeline
-//! (`get_versioned`) touch only keys of one entry, which share a slot
-//! (`key.rs`).
+//! command of ours can be `CROSSSLOT`: the scripts (the store's touches
+//! the entry, its version and its fleet lock) and the one pipeline (the
+//! write-behind stream's) touch only keys that share a slot (`key.rs`).
 //!
 //! [`Endpoint`] is what the rest needs to know of the target: the database
 //! (part of the backplane's channel name) and where to open a subscriber.
