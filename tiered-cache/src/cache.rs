@@ -135,17 +135,17 @@ impl TieredCache {
         let span = events::op_span("get", key.as_str());
         match self.inner.tiers.lookup_l1::<V>(key.as_str()).await {
             L1Lookup::Hit(hit) => {
-                span.record("tier", "l1");
+                events::record_tier(&span, "l1");
                 return hit;
             }
             L1Lookup::FailSafe => {
-                span.record("tier", "none");
+                events::record_tier(&span, "none");
                 return None;
             }
             L1Lookup::Miss => {}
         }
         if self.inner.tiers.l2.is_none() {
-            span.record("tier", "none");
+            events::record_tier(&span, "none");
             self.inner
                 .tiers
                 .stats
@@ -170,12 +170,12 @@ impl TieredCache {
             .await;
         match found {
             Some(entry) if entry.is_fresh(Instant::now()) => {
-                span.record("tier", "l2");
+                events::record_tier(&span, "l2");
                 self.inner.tiers.stats.record_at(events::Event::L2Hit, key);
                 typed::<V>(&entry).flatten()
             }
             _ => {
-                span.record("tier", "none");
+                events::record_tier(&span, "none");
                 self.inner.tiers.stats.record_at(events::Event::Miss, key);
                 None
             }

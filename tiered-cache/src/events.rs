@@ -146,6 +146,15 @@ pub(crate) fn op_span_keyless(op: &'static str) -> tracing::Span {
     tracing::debug_span!("tiered_cache", op)
 }
 
+/// Records on `span` which tier answered (see [`answered`]). A disabled
+/// span is skipped first: recording on one still looks the field up by name.
+#[inline]
+pub(crate) fn record_tier(span: &tracing::Span, tier: &'static str) {
+    if !span.is_disabled() {
+        span.record("tier", tier);
+    }
+}
+
 /// Records on the current call's span which tier answered: `l1`, `l2`,
 /// `loader` (this call led a load, or served stale while it ran),
 /// `coalesced` (it waited on another caller's load) or `none`.
