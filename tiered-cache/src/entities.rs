@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::events::Event;
+use crate::key::entity_of;
 
 /// The read events counted per entity, in [`EntityStats`]'s field order.
 const COUNTED: [Event; 6] = [
@@ -174,10 +175,4 @@ impl Table {
     fn new_counts(&self, _entity: &str) -> Counts {
         Counts::default()
     }
-}
-
-/// `product` of `{product:v3:7}`; the whole key if it has no such shape.
-pub(crate) fn entity_of(key: &str) -> &str {
-    let body = key.strip_prefix('{').unwrap_or(key);
-    body.split(':').next().unwrap_or(body)
 }

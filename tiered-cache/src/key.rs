@@ -127,6 +127,12 @@ impl fmt::Write for EscapingWriter<'_> {
     }
 }
 
+/// `product` of `{product:v3:7}`; the whole key if it has no such shape.
+pub(crate) fn entity_of(key: &str) -> &str {
+    let body = key.strip_prefix('{').unwrap_or(key);
+    body.split(':').next().unwrap_or(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,8 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
+use crate::events::{Event, Gauge};
+
 const STRIPES: usize = 8;
 
 #[repr(align(128))]
@@ -163,5 +165,122 @@ stats! {
     gauges {
     /// The circuit breaker now: 0 closed, 1 open, 2 half-open (a probe is out).
     breaker_state,
+    }
+}
+
+impl Stats {
+    /// Records one `event`.
+    #[inline]
+    pub(crate) fn record(&self, event: Event) {
+        self.record_many(event, 1);
+    }
+
+    /// Records one `event` of a read of `key`: counted per entity too,
+    /// when that is on.
+    #[inline]
+    pub(crate) fn record_at(&self, event: Event, key: &str) {
+        self.record_many(event, 1);
+        self.by_entity.record(event, key);
+    }
+
+    /// Records `n` of `event` at once.
+    #[inline]
+    pub(crate) fn record_many(&self, event: Event, n: u64) {
+        self.counter(event).add(n);
+        self.export.count(event, n);
+    }
+
+    /// `n` ids left the write-behind queues (their store writes are done).
+    pub(crate) fn write_queue_shrank(&self, n: u64) {
+        self.write_queue_depth.sub(n);
+        self.export.queue_shrank(n);
+    }
+
+    /// Sets `gauge` to `value`.
+    pub(crate) fn set(&self, gauge: Gauge, value: u64) {
+        let slot = match gauge {
+            Gauge::BreakerState => &self.breaker_state,
+        };
+        slot.store(value, Relaxed);
+        self.export.set(gauge, value);
+    }
+}
+
+/// Each event's counter, by name: the one table from which `counter`,
+/// the metrics' names and `Event::ALL` come.
+macro_rules! counters {
+    ($( $event:ident => $field:ident ),* $(,)?) => {
+        impl Stats {
+            #[inline]
+            fn counter(&self, event: Event) -> &Counter {
+                match event {
+                    $( Event::$event => &self.$field, )*
+                }
+            }
+        }
+
+        impl Event {
+            /// Every event, in declaration order (`event as usize` indexes it).
+            #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+            pub(crate) const ALL: &'static [Event] = &[$( Event::$event ),*];
+
+            /// The name of the event's counter in [`StatsSnapshot`](crate::StatsSnapshot).
+            #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+            pub(crate) fn counter_name(self) -> &'static str {
+                match self {
+                    $( Event::$event => stringify!($field), )*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    L1Hit => l1_hits,
+    L2Hit => l2_hits,
+    Miss => misses,
+    NegativeHit => negative_hits,
+    Load => loads,
+    LoadError => load_errors,
+    CoalescedWait => coalesced_waits,
+    EarlyRefresh => early_refreshes,
+    StaleRefresh => stale_refreshes,
+    StaleServed => stale_served,
+    LoaderTimeout => loader_timeouts,
+    LoadQueued => loads_queued,
+    DecodeFailure => decode_failures,
+    L2Error => l2_errors,
+    L2Skipped => l2_skipped,
+    StaleWriteRefused => stale_writes_refused,
+    OversizedSkip => oversized_skips,
+    TagStaleDrop => tag_stale_drops,
+    InvalidationReceived => invalidations_received,
+    BackplaneGap => backplane_gaps,
+    BackplanePublished => backplane_published,
+    StoreWrite => store_writes,
+    WriteFallback => write_fallbacks,
+    WriteQueued => writes_queued,
+    WriteCoalesced => writes_coalesced,
+    WriteRejectedFull => writes_rejected_full,
+    WriteQueueGrew => write_queue_depth,
+    WriteFlush => write_flushes,
+    WriteRetry => write_retries,
+    WriteDeadLetter => write_dead_letters,
+    BreakerOpened => breaker_opened,
+    BreakerProbe => breaker_probes,
+    BreakerClosed => breaker_closed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_event_counts_in_its_own_counter() {
+        let stats = Stats::default();
+        stats.record(Event::L1Hit);
+        stats.record_many(Event::InvalidationReceived, 3);
+        let s = stats.snapshot();
+        assert_eq!((s.l1_hits, s.invalidations_received, s.misses), (1, 3, 0));
     }
 }
