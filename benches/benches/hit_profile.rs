@@ -6,7 +6,8 @@
 //!
 //! ```sh
 //! cargo bench -p tiered-cache-benches --bench hit_profile --no-run
-//! for v in raw_moka_string raw_moka_u64 tiered_get; do for n in 0 200000; do
+//! for v in raw_moka_string raw_moka_u64 tiered_get; do for n in 0 200000; do   # L1 hits
+//! # (raw_redis_get tiered_l2_get with 0 and 20000: an L2 read's CPU, L1 off)
 //!   HIT_PROFILE=$v HIT_READS=$n valgrind --tool=cachegrind --cache-sim=yes \
 //!     --cachegrind-out-file=/dev/null target/release/deps/hit_profile-* 2>&1 | grep -E 'I +refs|D1  misses|LLd misses'
 //! done; done
@@ -26,7 +27,17 @@ use tiered_cache::EntryOptions;
 
 use common::{keys, product, Cursor, Product, Sampler, KEYS};
 
-const VARIANTS: [&str; 3] = ["raw_moka_string", "raw_moka_u64", "tiered_get"];
+const VARIANTS: [&str; 5] = [
+    "raw_moka_string",
+    "raw_moka_u64",
+    "tiered_get",
+    "raw_redis_get",
+    "tiered_l2_get",
+];
+
+/// The L2 variants read this many keys (populating 100k under valgrind
+/// would take minutes); every read goes to Redis.
+const L2_KEYS: usize = 1_000;
 
 fn main() {
     let reads: usize = std::env::var("HIT_READS")
@@ -100,6 +111,24 @@ async fn run(variant: &str, reads: usize, sampler: Sampler) -> Duration {
             for _ in 0..reads {
                 hits +=
                     usize::from(black_box(cache.get(&keys[cursor.next_index()]).await).is_some());
+            }
+        }
+        "raw_redis_get" | "tiered_l2_get" => {
+            let server = tiered_cache::testkit::RedisServer::start().expect("redis-server");
+            let keys = Arc::new(common::keys(L2_KEYS));
+            common::populate(&server.url(), &keys).await;
+            let raw_keys: Vec<String> = keys.iter().map(common::raw_key).collect();
+            let mut conn = common::raw_connection(&server.url()).await;
+            let cache = common::redis_cache(&server.url(), 0).await;
+            started = Instant::now();
+            for _ in 0..reads {
+                let i = cursor.next_index() % L2_KEYS;
+                let found = if variant == "raw_redis_get" {
+                    black_box(common::get_decode(&mut conn, &raw_keys[i]).await).is_some()
+                } else {
+                    black_box(cache.get(&keys[i]).await).is_some()
+                };
+                hits += usize::from(found);
             }
         }
         other => panic!("HIT_PROFILE={other}: not one of {VARIANTS:?}"),

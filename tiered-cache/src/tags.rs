@@ -67,7 +67,9 @@ const MAX_KNOWN: usize = 100_000;
 /// The tag versions this instance knows.
 #[derive(Debug)]
 pub(crate) struct TagVersions {
-    known: RwLock<HashMap<Arc<str>, u64>>,
+    /// Looked up on every read from Redis: a fast hasher, seeded per
+    /// table (tag names may come from users).
+    known: RwLock<HashMap<Arc<str>, u64, foldhash::fast::RandomState>>,
     /// Without Redis, the highest version forgotten when the table was
     /// let go: an unknown tag counts as at this version, so entries stamped
     /// before read as stale (a few needless misses) and new stamps and
