@@ -19,6 +19,7 @@ use crate::cache::TieredCache;
 use crate::codec::Postcard;
 use crate::error::{Error, ErrorKind};
 use crate::events::Event;
+use crate::options::EntryOptions;
 use crate::tiers::{local_version, Committed, Origin};
 
 /// One write waiting for the store: the value (`None`: a delete), its
@@ -70,6 +71,8 @@ struct Shared<E: Entity, S: Store<E>> {
     cache: TieredCache,
     store: Arc<S>,
     config: WriteBehind,
+    /// The entity's entry options, built once (`E::options()` may allocate).
+    options: EntryOptions,
     state: Mutex<State<E>>,
     /// Wakes the worker: a write arrived, or the queue closed.
     work: Notify,
@@ -95,6 +98,7 @@ impl<E: Entity, S: Store<E>> Queue<E, S> {
             cache,
             store,
             config,
+            options: E::options(),
             state: Mutex::new(State {
                 waiting: HashMap::new(),
                 order: VecDeque::new(),
@@ -188,7 +192,7 @@ impl<E: Entity, S: Store<E>> Shared<E, S> {
             .store_entry::<E, Postcard>(
                 key.as_str(),
                 value.clone(),
-                &E::options(),
+                &self.options,
                 extra,
                 Origin::Write,
             )
