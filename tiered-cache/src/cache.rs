@@ -27,7 +27,7 @@ use crate::options::EntryOptions;
 use crate::refresh::early_refresh_due;
 use crate::stats::StatsSnapshot;
 use crate::tags::EPOCH_TAG;
-use crate::tiers::{prepare, typed, Committed, L1Lookup, Origin, Reserved, Tiers};
+use crate::tiers::{prepare, typed, Committed, L1Lookup, Origin, Tiers};
 use tracing::Instrument;
 
 /// The result every caller of one flight shares.
@@ -246,25 +246,6 @@ impl TieredCache {
                 Ok(tiers.commit(key, prepared).await)
             })
             .await
-    }
-
-    /// Takes a write's version before it goes to the application's store;
-    /// see [`Tiers::reserve`].
-    pub(crate) async fn reserve(&self, key: &str) -> Reserved {
-        let tiers = &self.inner.tiers;
-        tiers.within_budget(tiers.reserve(key)).await
-    }
-
-    pub(crate) fn record(&self, event: events::Event) {
-        self.inner.tiers.stats.record(event);
-    }
-
-    pub(crate) fn record_many(&self, event: events::Event, n: u64) {
-        self.inner.tiers.stats.record_many(event, n);
-    }
-
-    pub(crate) fn write_queue_shrank(&self, n: u64) {
-        self.inner.tiers.stats.write_queue_shrank(n);
     }
 
     /// Tells the other instances to drop `key`, after this one's Redis write.

@@ -34,6 +34,7 @@ use crate::cache::TieredCache;
 use crate::error::Error;
 use crate::events::Event;
 use crate::key::Key;
+use crate::tiers::Reserved;
 
 pub use entity::{Entity, EntityCache, WarmLoad, WarmLoader};
 pub use store::Store;
@@ -267,7 +268,28 @@ impl<E: std::error::Error + 'static> std::error::Error for WriteError<E> {
     }
 }
 
+/// What the write policies need of the cache: a write's version, and the
+/// counters of their queues and store writes.
 impl TieredCache {
+    /// Takes a write's version before it goes to the application's store;
+    /// see [`Tiers::reserve`](crate::tiers::Tiers::reserve).
+    pub(crate) async fn reserve(&self, key: &str) -> Reserved {
+        let tiers = &self.inner.tiers;
+        tiers.within_budget(tiers.reserve(key)).await
+    }
+
+    pub(crate) fn record(&self, event: Event) {
+        self.inner.tiers.stats.record(event);
+    }
+
+    pub(crate) fn record_many(&self, event: Event, n: u64) {
+        self.inner.tiers.stats.record_many(event, n);
+    }
+
+    pub(crate) fn write_queue_shrank(&self, n: u64) {
+        self.inner.tiers.stats.write_queue_shrank(n);
+    }
+
     /// The rule for a write whose cache update did not reach Redis although
     /// the cache has one (Redis failed or refused it, the value was too
     /// large, or it did not encode): counted in `write_fallbacks`, and the
