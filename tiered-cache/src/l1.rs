@@ -199,11 +199,9 @@ pub(crate) fn later(now: Instant, d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-fn stripe_of(key: &str) -> usize {
-    // FNV-1a: cheap, and any spread is good enough for 64 stripes.
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+/// The drop stripe of a key with this hash.
+#[inline]
+fn stripe(hash: u64) -> usize {
     (hash as usize) & (DROP_STRIPES - 1)
 }
 
@@ -258,6 +256,12 @@ impl L1 {
     #[inline]
     fn hash(&self, key: &str) -> u64 {
         self.hasher.hash_one(key)
+    }
+
+    /// The drop stripe of `key`: the low bits of its hash.
+    #[inline]
+    fn stripe_of(&self, key: &str) -> usize {
+        stripe(self.hash(key))
     }
 
     #[inline]
@@ -389,7 +393,7 @@ impl L1 {
     /// Takes note of the drops so far, before reading `key` from Redis.
     #[inline]
     pub(crate) fn ticket(&self, key: &str) -> Ticket {
-        let stripe = stripe_of(key);
+        let stripe = self.stripe_of(key);
         Ticket {
             many: self.drops.many.load(SeqCst),
             key: self.drops.keys[stripe].load(SeqCst),
@@ -428,11 +432,12 @@ impl L1 {
         if self.dropped_since(ticket) {
             return false;
         }
+        let hash = self.hash(key);
         if entry.drop_at > Instant::now() {
-            self.cache.insert(self.hash(key), entry).await;
+            self.cache.insert(hash, entry).await;
             true
         } else {
-            self.cache.invalidate(&self.hash(key)).await;
+            self.cache.invalidate(&hash).await;
             false
         }
     }
@@ -441,22 +446,22 @@ impl L1 {
     /// counts it as a drop: a promotion or a load that read Redis before
     /// this write must not land over it (see [`L1::insert_since`]).
     pub(crate) async fn replace(&self, key: &str, entry: Arc<L1Entry>) {
-        let stripe = stripe_of(key);
-        self.drops.keys[stripe].fetch_add(1, SeqCst);
-        let _stripe = self.drops.locks[stripe].lock().await;
+        let hash = self.hash(key);
+        self.drops.keys[stripe(hash)].fetch_add(1, SeqCst);
+        let _stripe = self.drops.locks[stripe(hash)].lock().await;
         if entry.drop_at > Instant::now() {
-            self.cache.insert(self.hash(key), entry).await;
+            self.cache.insert(hash, entry).await;
         } else {
-            self.cache.invalidate(&self.hash(key)).await;
+            self.cache.invalidate(&hash).await;
         }
     }
 
     pub(crate) async fn invalidate(&self, key: &str) {
-        let stripe = stripe_of(key);
-        self.drops.keys[stripe].fetch_add(1, SeqCst);
-        let _stripe = self.drops.locks[stripe].lock().await;
+        let hash = self.hash(key);
+        self.drops.keys[stripe(hash)].fetch_add(1, SeqCst);
+        let _stripe = self.drops.locks[stripe(hash)].lock().await;
         // With a colliding key this drops the other key's entry: a miss.
-        self.cache.invalidate(&self.hash(key)).await;
+        self.cache.invalidate(&hash).await;
     }
 
     /// Drops every entry (they are hidden at once, removed lazily).
@@ -656,7 +661,7 @@ mod tests {
         let l1 = L1::new(1 << 20, None);
         let other = (0..1000)
             .map(|i| format!("o{i}"))
-            .find(|o| stripe_of(o) != stripe_of("k"))
+            .find(|o| l1.stripe_of(o) != l1.stripe_of("k"))
             .unwrap();
         let ticket = l1.ticket("k");
         l1.invalidate(&other).await;
