@@ -150,6 +150,14 @@ impl L1Entry {
         now < self.fresh_until
     }
 
+    /// Whether a value past its freshness may still be served as stale:
+    /// only inside its grace window. Without one (`stale` unset) an entry
+    /// read just before its expiry and looked at just after is a miss, not
+    /// a stale answer.
+    pub(crate) fn in_grace(&self, now: Instant) -> bool {
+        now < self.drop_at
+    }
+
     /// Whether an early refresh may start now: not on a fail-safe copy (its
     /// retry is its expiry) and not inside a throttle after a failure.
     pub(crate) fn may_refresh(&self, now: Instant) -> bool {
