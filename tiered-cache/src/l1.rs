@@ -442,12 +442,24 @@ impl L1 {
         }
         let hash = self.hash(key);
         if entry.drop_at > Instant::now() {
-            self.cache.insert(hash, entry).await;
+            self.put(hash, entry).await;
             true
         } else {
-            self.cache.invalidate(&hash).await;
+            self.remove(hash).await;
             false
         }
+    }
+
+    /// moka's insert, boxed: its future is large, and inline it would be
+    /// laid out inside every L2 read's future (which promotes), copied on
+    /// each poll of a read that never promotes.
+    async fn put(&self, hash: u64, entry: Arc<L1Entry>) {
+        Box::pin(self.cache.insert(hash, entry)).await;
+    }
+
+    /// moka's invalidate, boxed for the same reason as [`L1::put`].
+    async fn remove(&self, hash: u64) {
+        Box::pin(self.cache.invalidate(&hash)).await;
     }
 
     /// Puts a newly written `entry` in place of whatever `key` held, and
@@ -458,9 +470,9 @@ impl L1 {
         self.drops.keys[stripe(hash)].fetch_add(1, SeqCst);
         let _stripe = self.drops.locks[stripe(hash)].lock().await;
         if entry.drop_at > Instant::now() {
-            self.cache.insert(hash, entry).await;
+            self.put(hash, entry).await;
         } else {
-            self.cache.invalidate(&hash).await;
+            self.remove(hash).await;
         }
     }
 
@@ -469,7 +481,7 @@ impl L1 {
         self.drops.keys[stripe(hash)].fetch_add(1, SeqCst);
         let _stripe = self.drops.locks[stripe(hash)].lock().await;
         // With a colliding key this drops the other key's entry: a miss.
-        self.cache.invalidate(&hash).await;
+        self.remove(hash).await;
     }
 
     /// Drops every entry (they are hidden at once, removed lazily).

@@ -158,7 +158,9 @@ impl TagVersions {
     pub(crate) async fn is_current(&self, stamps: &[TagStamp], l2: Option<&L2>) -> bool {
         let unvouched = self.unvouched(stamps.iter().map(|(tag, _)| &**tag));
         if !unvouched.is_empty() {
-            self.fetch(&unvouched, l2).await;
+            // Boxed: the fetch is rare (a tag this instance cannot vouch
+            // for) and would otherwise enlarge every tagged read's future.
+            Box::pin(self.fetch(&unvouched, l2)).await;
         }
         self.judge(stamps)
     }

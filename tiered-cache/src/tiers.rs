@@ -212,12 +212,15 @@ pub(crate) struct Tiers {
 
 impl Tiers {
     /// Runs `call` (the Redis part of one public call) within one L2
-    /// budget: `l2_timeout` for all its commands together.
-    pub(crate) async fn within_budget<F: std::future::Future>(&self, call: F) -> F::Output {
-        match &self.l2 {
-            Some(l2) => crate::l2::budget::within(l2.timeout(), call).await,
-            None => call.await,
-        }
+    /// budget: `l2_timeout` for all its commands together. Returns the
+    /// scope future itself (no `async` wrapper around `call`, which would
+    /// lay it out again on every L2 read); without L2 the budget is moot.
+    pub(crate) fn within_budget<F: std::future::Future>(
+        &self,
+        call: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        let budget = self.l2.as_ref().map_or(Duration::ZERO, |l2| l2.timeout());
+        crate::l2::budget::within(budget, call)
     }
 
     /// What this instance holds in memory: L1, or with L1 off its fail-safe
@@ -650,7 +653,8 @@ impl Tiers {
             tracing::warn!(reason = why, "an entry in Redis was unusable; treated as a miss and deleted (see stats.decode_failures)");
         }
         if let Some(l2) = &self.l2 {
-            let _ = l2.del(&[key]).await;
+            // Boxed: rare, and inline it would enlarge every read's future.
+            let _ = Box::pin(l2.del(&[key])).await;
         }
     }
 }

@@ -193,8 +193,11 @@ impl L2 {
     }
 
     /// Runs `call` (one or a few commands) within one L2 budget.
-    pub(crate) async fn within_timeout<F: std::future::Future>(&self, call: F) -> F::Output {
-        budget::within(self.timeout, call).await
+    pub(crate) fn within_timeout<F: std::future::Future>(
+        &self,
+        call: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        budget::within(self.timeout, call)
     }
 
     /// The Redis key of an entry, or of any other key of this namespace.
