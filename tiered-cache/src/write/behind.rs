@@ -486,7 +486,6 @@ async fn set_aside<E: Entity, S: Store<E>>(
     error: S::Error,
     attempts: u32,
 ) {
-    shared.cache.record(Event::WriteDeadLetter);
     tracing::warn!(
         entity = E::NAME,
         attempts,
@@ -503,6 +502,8 @@ async fn set_aside<E: Entity, S: Store<E>>(
         Some(durable) => durable.dead_letter(&letter).await,
         None => lock(&shared.dead).push(letter),
     }
+    // Counted once it is kept, so whoever sees the count can take it.
+    shared.cache.record(Event::WriteDeadLetter);
     let newer = lock(&shared.state).waiting.contains_key(id);
     if !newer {
         let _ = shared.cache.invalidate(&E::key(id)).await;
