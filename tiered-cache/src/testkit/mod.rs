@@ -157,6 +157,9 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            // Its own words when it refuses to start (see `wait_until_ready`).
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -179,6 +182,14 @@ impl RedisServer {
         self.wait_until_ready()
     }
 
+    /// The last line redis-server logged (why it stopped, when it did).
+    fn last_log_line(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log"))
+            .ok()
+            .and_then(|log| log.lines().last().map(str::to_owned))
+            .unwrap_or_else(|| "(it logged nothing)".to_owned())
+    }
+
     fn wait_until_ready(&mut self) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -186,7 +197,8 @@ impl RedisServer {
                 if let Some(status) = child.try_wait()? {
                     self.child = None;
                     return Err(io::Error::other(format!(
-                        "redis-server exited at start: {status}"
+                        "redis-server exited at start: {status}: {}",
+                        self.last_log_line()
                     )));
                 }
             }
