@@ -12,6 +12,15 @@
 //! N receivers re-running the write would cost N extra commands per message.
 //! An instance ignores its own messages.
 //!
+//! A write of an entry (`set`, an entity's put, a fleet-locked load's
+//! store) does not wait for the publisher: in classic mode its store script
+//! `PUBLISH`es the key's message itself, right after its `SET`s
+//! ([`Backplane::announcement`], `l2/scripts/store.lua`), so the message is
+//! out before the write is acknowledged and a peer never serves its old
+//! copy after the writer's call returned. Where the script did not
+//! announce (sharded mode, a refused `PUBLISH`, a timed-out or failed
+//! write), the write hands its event to the publisher as above.
+//!
 //! # Gaps
 //! Pub/sub delivers at most once: messages sent while a subscriber is away
 //! are lost. So when the subscription comes back (after `CLIENT KILL`, a
@@ -59,6 +68,7 @@ use crate::events;
 use crate::events::LogLimit;
 use crate::fleet::FleetWaits;
 use crate::l1::L1;
+pub(crate) use crate::l2::Announcement;
 use crate::l2::{Health, L2Fault, Messages, L2};
 use crate::stats::Stats;
 use crate::tags::TagVersions;
@@ -130,6 +140,11 @@ pub(crate) struct Local {
 #[derive(Debug)]
 pub(crate) struct Backplane {
     tx: mpsc::UnboundedSender<Event>,
+    /// This instance's id, the sender of its messages.
+    id: u64,
+    channel: String,
+    /// Sharded pub/sub: every message goes through the publisher task.
+    sharded: bool,
     subscriber: JoinHandle<()>,
     /// Set when the cache drops its backplane: the subscriber's end is
     /// then expected, not a runtime that shut down under it.
@@ -192,7 +207,7 @@ impl Backplane {
         let subscriber = Subscriber {
             l2: l2.clone(),
             undecodable_log: LogLimit::once(),
-            channel,
+            channel: channel.clone(),
             id,
             local,
             timeout: l2.timeout().max(Duration::from_millis(500)),
@@ -211,9 +226,28 @@ impl Backplane {
         }
         Backplane {
             tx,
+            id,
+            channel,
+            sharded: l2.sharded_pubsub(),
             subscriber,
             closing,
         }
+    }
+
+    /// The message that invalidates `key` on the other instances, exactly
+    /// as the publisher would send it alone, for a store script to
+    /// `PUBLISH` with its write (so it is out before the write returns).
+    /// `None` in sharded mode: a script runs on the entry's shard, and the
+    /// channel's slot is elsewhere.
+    pub(crate) fn announcement(&self, key: &str) -> Option<Announcement> {
+        if self.sharded {
+            return None;
+        }
+        let (payload, _) = encode(self.id, vec![Event::Key(key.to_owned())]);
+        Some(Announcement {
+            channel: self.channel.clone(),
+            payload,
+        })
     }
 
     /// Queues `event` for the other instances. Never waits.

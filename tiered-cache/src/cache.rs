@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backplane::{Backplane, Event};
+use crate::backplane::{Announcement, Backplane, Event};
 use crate::builder::TieredCacheBuilder;
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, LoadError};
@@ -199,23 +199,30 @@ impl TieredCache {
         V: Serialize + Send + Sync + 'static,
         C: Codec,
     {
-        self.store_entry::<V, C>(
-            key.as_str(),
-            Some(Arc::new(value)),
-            options,
-            Duration::ZERO,
-            Origin::Write,
-        )
-        .instrument(events::op_span("set", key.as_str()))
-        .await?;
-        // After the Redis write: a peer that drops its copy reads the new one.
-        self.announce_key(key.as_str());
+        let committed = self
+            .store_entry::<V, C>(
+                key.as_str(),
+                Some(Arc::new(value)),
+                options,
+                Duration::ZERO,
+                Origin::Write,
+            )
+            .instrument(events::op_span("set", key.as_str()))
+            .await?;
+        // After the Redis write: a peer that drops its copy reads the new
+        // one. Usually the store script announced it already, before the
+        // write was acknowledged.
+        if !committed.announced() {
+            self.announce_key(key.as_str());
+        }
         Ok(())
     }
 
     /// Encodes and stores an entry in both tiers, within one L2 budget:
     /// `value` (`None`: a cached negative) under `key`, fresh for the
-    /// options' TTL plus `extra_ttl`.
+    /// options' TTL plus `extra_ttl`. The Redis write announces the key on
+    /// the backplane in the same step where it can; where the result says
+    /// it did not ([`Committed::announced`]), the caller announces it.
     pub(crate) async fn store_entry<V, C>(
         &self,
         key: &str,
@@ -243,7 +250,8 @@ impl TieredCache {
                     opts.ttl.saturating_add(extra_ttl),
                     origin,
                 )?;
-                Ok(tiers.commit(key, prepared).await)
+                let announcement = self.announcement(key);
+                Ok(tiers.commit(key, prepared, announcement.as_ref()).await)
             })
             .await
     }
@@ -251,6 +259,13 @@ impl TieredCache {
     /// Tells the other instances to drop `key`, after this one's Redis write.
     pub(crate) fn announce_key(&self, key: &str) {
         self.announce(Event::Key(key.to_owned()));
+    }
+
+    /// The backplane message that tells the other instances to drop `key`,
+    /// for a store script to send with its write; `None` when the backplane
+    /// is off or sharded (the publisher then sends it, after the write).
+    pub(crate) fn announcement(&self, key: &str) -> Option<Announcement> {
+        self.inner.backplane.as_ref()?.announcement(key)
     }
 
     /// Removes `key` from both tiers (Redis first) and tells other

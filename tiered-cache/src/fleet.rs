@@ -80,8 +80,8 @@ impl FleetWaits {
 
 /// A held fleet lock. Dropping it stops the renewals, releases the lock
 /// (if it is still this holder's, and the load's store did not release
-/// it already) and announces the key, in a task: the drop may happen in a
-/// cancelled caller.
+/// it already) and announces the key (unless the store did), in a task:
+/// the drop may happen in a cancelled caller.
 #[derive(Debug)]
 pub(crate) struct FleetLock {
     l2: L2,
@@ -91,12 +91,17 @@ pub(crate) struct FleetLock {
     cache: Weak<Inner>,
     /// The load's store released it (`scripts/store.lua`).
     released: bool,
+    /// The load's store announced the key on the backplane too.
+    announced: bool,
 }
 
 impl FleetLock {
-    /// The load's store released the lock: dropping it only announces.
-    pub(crate) fn released_by_store(&mut self) {
+    /// The load's store released the lock (and, if `announced`, told the
+    /// other instances): dropping it wakes the local waiters, and announces
+    /// unless the store did.
+    pub(crate) fn released_by_store(&mut self, announced: bool) {
         self.released = true;
+        self.announced = announced;
     }
 }
 
@@ -106,11 +111,12 @@ impl Drop for FleetLock {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // no runtime left: the lease ends it
         };
-        let (l2, key, token, released) = (
+        let (l2, key, token, released, announced) = (
             self.l2.clone(),
             std::mem::take(&mut self.key),
             self.token,
             self.released,
+            self.announced,
         );
         let cache = std::mem::take(&mut self.cache);
         runtime.spawn(async move {
@@ -121,7 +127,9 @@ impl Drop for FleetLock {
                 // Local waiters (callers who took over a cancelled load)
                 // and other instances look again.
                 inner.fleet_waits.wake(&key);
-                TieredCache { inner }.announce(Event::Key(key));
+                if !announced {
+                    TieredCache { inner }.announce(Event::Key(key));
+                }
             }
         });
     }
@@ -284,6 +292,7 @@ impl TieredCache {
             renewals,
             cache: Arc::downgrade(&self.inner),
             released: false,
+            announced: false,
         })
     }
 }

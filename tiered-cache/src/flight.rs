@@ -113,10 +113,11 @@ impl Leader {
         self.held = Some(guard);
     }
 
-    /// The load's store released the fleet lock it holds (if any) itself.
-    pub(crate) fn lock_released(&mut self) {
+    /// The load's store released the fleet lock it holds (if any) itself,
+    /// and `announced` the key too.
+    pub(crate) fn lock_released(&mut self, announced: bool) {
         if let Some(lock) = &mut self.held {
-            lock.released_by_store();
+            lock.released_by_store(announced);
         }
     }
 

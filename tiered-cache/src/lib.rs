@@ -79,9 +79,11 @@
 //! **Coherence.** Instances sharing a Redis tell each other, over Redis
 //! pub/sub, which keys they overwrote or invalidated and which tags they
 //! bumped; the others drop those entries from their L1 (without touching
-//! Redis again). An instance whose subscription was lost clears its L1 when
-//! it is back, since it may have missed messages (`stats.backplane_gaps`);
-//! until then its L1 serves entries at most up to
+//! Redis again). A write's message leaves with the write: its store script
+//! publishes it, so it is out before `set` returns (with sharded pub/sub it
+//! follows the write instead). An instance whose subscription was lost
+//! clears its L1 when it is back, since it may have missed messages
+//! (`stats.backplane_gaps`); until then its L1 serves entries at most up to
 //! [`l1_ttl_cap`](TieredCacheBuilder::l1_ttl_cap).
 //!
 //! **Redis Cluster** (feature `cluster`,

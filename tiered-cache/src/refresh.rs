@@ -236,18 +236,29 @@ impl TieredCache {
     ) {
         let Some(l2) = &self.inner.tiers.l2 else {
             // L1 only: nothing slow to wait for, no task to spawn.
-            self.inner.tiers.commit(key, prepared).await;
+            self.inner.tiers.commit(key, prepared, None).await;
             drop(leader);
             return;
         };
         let budget = claim.budget_left(l2.timeout());
+        // A fleet-locked load's store is announced, to wake the instances
+        // that wait on its lock: by the store script where it can.
+        let announcement = if claim.holds_lock() {
+            self.announcement(key)
+        } else {
+            None
+        };
         let this = self.clone();
         let key = key.to_owned();
         let store = tokio::spawn(async move {
-            let committed = this.inner.tiers.commit(&key, prepared).await;
-            if matches!(committed, Committed::Stored(_)) {
+            let committed = this
+                .inner
+                .tiers
+                .commit(&key, prepared, announcement.as_ref())
+                .await;
+            if let Committed::Stored { announced, .. } = committed {
                 // The store script released a fleet lock held with the claim.
-                leader.lock_released();
+                leader.lock_released(announced);
             }
             drop(leader);
         });

@@ -131,8 +131,9 @@ stats! {
     /// Times L1 was cleared because invalidations may have been missed: the
     /// subscription was lost and is back, or a peer could not publish.
     backplane_gaps,
-    /// Backplane messages this instance published (each carries a batch of
-    /// the invalidations queued meanwhile).
+    /// Backplane messages this instance published: by its publisher (each
+    /// carries a batch of the invalidations queued meanwhile), or by a
+    /// write's store script (one key each).
     backplane_published,
     /// Writes of entities that reached their store (each write of a
     /// write-behind batch counts).

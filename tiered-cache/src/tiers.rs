@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::events::Event;
 use crate::events::LogLimit;
 use crate::l1::{later, AnyValue, L1Entry, Ticket, L1};
-use crate::l2::{L2Fault, LockToken, Versioned, Write, L2};
+use crate::l2::{Announcement, Besides, L2Fault, LockToken, Stored, Versioned, Write, L2};
 use crate::options::Resolved;
 use crate::stats::Stats;
 use crate::tags::TagVersions;
@@ -65,6 +65,11 @@ impl Claim {
         self.l2
     }
 
+    /// Whether the load holds the entry's fleet lock.
+    pub(crate) fn holds_lock(&self) -> bool {
+        self.lock.is_some()
+    }
+
     /// This claim, for a load that holds the entry's fleet lock with `token`.
     pub(crate) fn holding(mut self, token: LockToken) -> Self {
         self.lock = Some(token);
@@ -80,8 +85,9 @@ impl Claim {
 /// What [`Tiers::commit`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Committed {
-    /// Stored in Redis at this version (and in L1, if it has one).
-    Stored(u64),
+    /// Stored in Redis at this version (and in L1, if it has one);
+    /// `announced`: the store also announced it on the backplane.
+    Stored { version: u64, announced: bool },
     /// Not stored anywhere: a newer write or an invalidation won.
     Refused,
     /// Not in Redis (none, it failed, the value was too large, or the load
@@ -116,9 +122,23 @@ pub(crate) fn local_version() -> u64 {
     }
 }
 
+impl Committed {
+    /// Whether the other instances were told already (by the store script):
+    /// if not, and they must be, the caller's backplane tells them.
+    pub(crate) fn announced(&self) -> bool {
+        matches!(
+            self,
+            Committed::Stored {
+                announced: true,
+                ..
+            }
+        )
+    }
+}
+
 /// What the Redis half of a store did.
 enum L2Store {
-    Stored(u64),
+    Stored(Stored),
     /// A newer write won.
     Refused,
     /// Not written: no Redis, Redis failed, too large, or no claim on it.
@@ -258,8 +278,15 @@ impl Tiers {
     /// result (`Origin::Load`) is stored only where the key was not written
     /// or dropped since its claim: in Redis by compare-and-set on the
     /// entry's version, in L1 by its drop ticket. An application's write
-    /// (`Origin::Write`) replaces what is there.
-    pub(crate) async fn commit(&self, key: &str, prepared: Prepared) -> Committed {
+    /// (`Origin::Write`) replaces what is there. With `announce`, a write
+    /// to Redis is announced on the backplane in the same step (see
+    /// [`Committed::announced`]).
+    pub(crate) async fn commit(
+        &self,
+        key: &str,
+        prepared: Prepared,
+        announce: Option<&Announcement>,
+    ) -> Committed {
         let Prepared {
             mut meta,
             bytes,
@@ -269,14 +296,14 @@ impl Tiers {
             size,
             origin,
         } = prepared;
-        let committed = match self.store_l2(key, &bytes, keep, origin).await {
+        let committed = match self.store_l2(key, &bytes, keep, origin, announce).await {
             L2Store::Refused => {
                 self.stats.record(Event::StaleWriteRefused);
                 return Committed::Refused;
             }
-            L2Store::Stored(version) => {
+            L2Store::Stored(Stored { version, announced }) => {
                 meta.version = version;
-                Committed::Stored(version)
+                Committed::Stored { version, announced }
             }
             L2Store::Skipped => Committed::NotInRedis,
         };
@@ -329,7 +356,14 @@ impl Tiers {
     }
 
     /// The Redis half of [`Tiers::commit`].
-    async fn store_l2(&self, key: &str, bytes: &[u8], keep: Duration, origin: Origin) -> L2Store {
+    async fn store_l2(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        keep: Duration,
+        origin: Origin,
+        announce: Option<&Announcement>,
+    ) -> L2Store {
         let Some(l2) = &self.l2 else {
             return L2Store::Skipped;
         };
@@ -350,19 +384,20 @@ impl Tiers {
             let _ = l2.invalidate(key).await;
             return L2Store::Skipped;
         }
+        let besides = Besides { lock, announce };
         let mut stored = l2
-            .store(key, bytes, keep, write, entry::VERSION_AT, lock)
+            .store(key, bytes, keep, write, entry::VERSION_AT, besides)
             .await;
         if let Err(L2Fault::WrongType) = stored {
             // Deleted as a bad entry (nothing was written); then this one
             // takes its place.
             self.bad_entry(key, "holds another Redis type").await;
             stored = l2
-                .store(key, bytes, keep, write, entry::VERSION_AT, lock)
+                .store(key, bytes, keep, write, entry::VERSION_AT, besides)
                 .await;
         }
         match stored {
-            Ok(Some(version)) => L2Store::Stored(version),
+            Ok(Some(stored)) => L2Store::Stored(stored),
             Ok(None) => L2Store::Refused,
             // Counted and logged by the L2 tier; L1 still gets the value.
             Err(_) => L2Store::Skipped,

@@ -223,6 +223,12 @@ impl L2 {
         channel
     }
 
+    /// Whether the backplane uses sharded pub/sub (`SPUBLISH`), which a
+    /// store script cannot send for it.
+    pub(crate) fn sharded_pubsub(&self) -> bool {
+        self.sharded_pubsub
+    }
+
     /// Runs one command under the timeout, counting and logging failures.
     async fn run<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, L2Fault> {
         self.guarded(|mut conn| async move { cmd.query_async::<T>(&mut conn).await })
@@ -426,9 +432,12 @@ impl L2 {
     /// is still `seen` (nobody wrote or invalidated it since). The script
     /// gives the entry a new version, greater than every earlier one, and
     /// writes it into the envelope at `version_at`. Returns that version, or
-    /// `None` when a newer write won. With `lock` (a load that holds the
-    /// entry's fleet lock with that token), a write that happens releases
-    /// the lock too, leaving the marker of its version (see `lock.rs`).
+    /// `None` when a newer write won. With `besides.lock` (a load that holds
+    /// the entry's fleet lock with that token), a write that happens releases
+    /// the lock too, leaving the marker of its version (see `lock.rs`); with
+    /// `besides.announce`, it is announced on the backplane by the same
+    /// script, before this call returns (classic pub/sub only: see
+    /// [`Stored::announced`]).
     pub(crate) async fn store(
         &self,
         body: &str,
@@ -436,8 +445,8 @@ impl L2 {
         ttl: Duration,
         write: Write,
         version_at: usize,
-        lock: Option<LockToken>,
-    ) -> Result<Option<u64>, L2Fault> {
+        besides: Besides<'_>,
+    ) -> Result<Option<Stored>, L2Fault> {
         let ttl = millis(ttl);
         let keep = ttl.saturating_add(millis(VERSION_KEEP)).to_string();
         let seen = match write {
@@ -446,22 +455,36 @@ impl L2 {
         };
         let (ttl, at) = (ttl.to_string(), version_at.to_string());
         let mut keys = vec![self.key(body), self.version_key(body)];
-        let token = lock.map(LockToken::text).unwrap_or_default();
-        let mut args: Vec<&[u8]> = vec![
+        if besides.lock.is_some() {
+            keys.push(self.lock_key(body));
+        }
+        let token = besides.lock.map(LockToken::text).unwrap_or_default();
+        // A script's PUBLISH is classic pub/sub: in sharded mode the
+        // channel's slot is not the entry's, so the caller announces.
+        let (channel, payload): (&[u8], &[u8]) = match besides.announce {
+            Some(a) if !self.sharded_pubsub => (a.channel.as_bytes(), &a.payload),
+            _ => (b"", b""),
+        };
+        let args: [&[u8]; 8] = [
             envelope,
             ttl.as_bytes(),
             keep.as_bytes(),
             seen.as_bytes(),
             at.as_bytes(),
+            token.as_bytes(),
+            channel,
+            payload,
         ];
-        if lock.is_some() {
-            keys.push(self.lock_key(body));
-            args.push(token.as_bytes());
-        }
-        let version: u64 = self
+        let (version, announced): (u64, u8) = self
             .run_script(include_str!("scripts/store.lua"), &keys, &args)
             .await?;
-        Ok((version > 0).then_some(version))
+        if announced == 1 {
+            self.stats.record(Event::BackplanePublished);
+        }
+        Ok((version > 0).then_some(Stored {
+            version,
+            announced: announced == 1,
+        }))
     }
 
     /// Deletes an entry and advances its version (`scripts/invalidate.lua`),
@@ -503,6 +526,34 @@ pub(crate) enum Write {
     Always,
     /// Only if the entry's version is still this one (a load's result).
     IfVersion(u64),
+}
+
+/// What an [`L2::store`] does besides writing the entry.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Besides<'a> {
+    /// Releases the entry's fleet lock held with this token.
+    pub(crate) lock: Option<LockToken>,
+    /// Announces the write on the backplane.
+    pub(crate) announce: Option<&'a Announcement>,
+}
+
+/// A backplane message ready to send: the channel (from [`L2::channel`])
+/// and the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Announcement {
+    pub(crate) channel: String,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// A write that [`L2::store`] made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stored {
+    /// The entry's new version.
+    pub(crate) version: u64,
+    /// Whether the store script announced it on the backplane (it did not
+    /// when asked not to, in sharded mode, or when Redis refused the
+    /// `PUBLISH`): if not, the caller's backplane must.
+    pub(crate) announced: bool,
 }
 
 /// An entry as read with its version; see [`L2::get_versioned`].

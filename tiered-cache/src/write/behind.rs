@@ -198,7 +198,7 @@ impl<E: Entity, S: Store<E>> Shared<E, S> {
             )
             .await?;
         let version = match committed {
-            Committed::Stored(version) => version,
+            Committed::Stored { version, .. } => version,
             _ if !cache.has_l2() => local_version(),
             _ => {
                 // Redis kept its older value: drop it everywhere (this
@@ -207,7 +207,9 @@ impl<E: Entity, S: Store<E>> Shared<E, S> {
                 local_version()
             }
         };
-        cache.announce_key(key.as_str());
+        if !committed.announced() {
+            cache.announce_key(key.as_str());
+        }
         let mut entries = Vec::new();
         if let Some(durable) = &self.durable {
             match durable.append(id, value.as_deref(), version).await {

@@ -285,7 +285,10 @@ impl<E: Entity, S: Store<E>> EntityCache<E, S> {
             )
             .await;
         match committed {
-            Ok(Committed::Stored(_) | Committed::Refused) => {
+            Ok(Committed::Stored {
+                announced: true, ..
+            }) => Ok(()),
+            Ok(Committed::Stored { .. } | Committed::Refused) => {
                 cache.announce_key(key.as_str());
                 Ok(())
             }

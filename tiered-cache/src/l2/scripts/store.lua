@@ -4,7 +4,9 @@
 -- its time to live in ms, ARGV[3] the counter's least time to live in ms,
 -- ARGV[4] the version the writer saw before it loaded (empty: write
 -- whatever is there), ARGV[5] the byte offset of the version in the
--- envelope, ARGV[6] (with KEYS[3]) the lock holder's token.
+-- envelope, ARGV[6] the lock holder's token (with KEYS[3]; empty without),
+-- ARGV[7] the backplane channel on which to announce the write (empty: do
+-- not announce) and ARGV[8] that message. The positions are fixed.
 --
 -- The new version is max(counter + 1, server time in µs): it only grows,
 -- and stays above every earlier version even if the counter was lost. It
@@ -15,10 +17,15 @@
 -- it becomes a marker `stored:<version>` for the rest of its lease, so an
 -- instance that missed the entry just before this write and asks for the
 -- lock just after learns that the value is there instead of loading it
--- again (`lock.rs`). Returns the new version, or 0 when a newer write won.
+-- again (`lock.rs`). A write that happened is then announced with PUBLISH,
+-- so other instances hear of it before the writer's call returns. The
+-- PUBLISH runs under pcall: refused (an ACL without the channel), it must
+-- not fail a script whose SETs already ran; the caller announces instead.
+-- Returns {new version, 1 if announced else 0}, or {0, 0} when a newer
+-- write won (nothing written, nothing announced).
 local counter = redis.call('GET', KEYS[2])
 local seen = tonumber(counter or '0') or 0
-if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= seen then return 0 end
+if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= seen then return {0, 0} end
 local at = tonumber(ARGV[5])
 local envelope = ARGV[1]
 if #envelope < at + 8 then return redis.error_reply('ERR tiered-cache: envelope too short') end
@@ -32,4 +39,8 @@ redis.call('SET', KEYS[2], string.format('%d', version), 'PX', keep)
 if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[6] then
   redis.call('SET', KEYS[3], 'stored:' .. string.format('%d', version), 'KEEPTTL')
 end
-return version
+local announced = 0
+if ARGV[7] ~= '' and pcall(redis.call, 'PUBLISH', ARGV[7], ARGV[8]) then
+  announced = 1
+end
+return {version, announced}
