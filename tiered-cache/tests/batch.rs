@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use support::{
-    cache_on, command_calls, counter, info_stat, item, redis_key, reset_command_stats, until,
-    Backend, DbError, Item, TestRedis,
+    cache_on, command_calls, counter, info_stat, item, redis_key, reset_command_stats, scripts_run,
+    until, Backend, DbError, Item, TestRedis,
 };
 use tiered_cache::{EntryOptions, TieredCache};
 
@@ -163,11 +163,11 @@ async fn get_many_or_load_reads_l1_then_one_mget_then_loads_the_rest_at_once(bac
     // The only GETs are the store scripts' reads of each entry's version.
     assert_eq!(
         command_calls(backend, "get"),
-        command_calls(backend, "eval"),
+        scripts_run(backend),
         "the loads do not ask Redis again"
     );
     assert_eq!(
-        command_calls(backend, "eval"),
+        scripts_run(backend),
         20,
         "each loaded value is stored, by one compare-and-set script"
     );

@@ -209,6 +209,52 @@ async fn versions_only_grow() {
     }
 }
 
+/// Scripts go by hash: a Redis that forgot them (restarted, failed over,
+/// `SCRIPT FLUSH`) answers NOSCRIPT once and gets the text, and every
+/// write still lands.
+#[tokio::test]
+async fn writes_survive_a_redis_that_forgot_the_scripts() {
+    let server = server();
+    let a = cache_on(&server, "cas-noscript").await;
+    let b = cache_on(&server, "cas-noscript").await;
+    let key = item::<u64>(1);
+    let mut c = conn(&server);
+    let eval_calls = |c: &mut redis::Connection| -> (u64, u64) {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(c)
+            .expect("INFO");
+        let calls = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |n| n.parse::<u64>().expect("a count"))
+        };
+        (calls("eval"), calls("evalsha"))
+    };
+    a.set(&key, 1, &opts()).await.expect("set");
+    let first = eval_calls(&mut c);
+    assert_eq!(first, (1, 1), "unknown by hash, then sent by text once");
+    a.set(&key, 2, &opts()).await.expect("set");
+    assert_eq!(eval_calls(&mut c), (1, 2), "known now: by hash only");
+
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut c)
+        .expect("SCRIPT FLUSH");
+    a.set(&key, 3, &opts())
+        .await
+        .expect("a set after the flush");
+    assert_eq!(eval_calls(&mut c), (2, 3), "sent by text again, once");
+    assert_eq!(b.get(&key).await.as_deref(), Some(&3), "the write landed");
+    a.invalidate(&key)
+        .await
+        .expect("an invalidate after the flush");
+    let fresh = cache_on(&server, "cas-noscript").await;
+    assert_eq!(fresh.get(&key).await, None, "the invalidation landed");
+    assert_eq!(a.stats().l2_errors, 0, "NOSCRIPT is not an error");
+}
+
 /// Any interleaving of loads, sets and invalidations of one key: once a
 /// write (set or invalidate) has returned, no instance reads a value older
 /// than it. The "database" is a counter; a load reads it when it starts.

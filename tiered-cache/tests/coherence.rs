@@ -619,7 +619,7 @@ async fn receivers_send_redis_nothing_and_nobody_scans(server: &Backend) {
     // The sender's three scripts (the key's delete and version bump, the
     // tag's bump, the namespace epoch's bump) read their counter once each
     // and the key's script writes its version; nobody else reads or writes.
-    let scripts = command_calls(server, "evalsha") + command_calls(server, "eval");
+    let scripts = support::scripts_run(server);
     assert_eq!(
         scripts, 3,
         "one script per invalidate / invalidate_tag / clear"

@@ -97,7 +97,7 @@ impl L2 {
         let token = token.text();
         let taken: u64 = self
             .run_script(
-                include_str!("scripts/take_lock.lua"),
+                &super::script::TAKE_LOCK,
                 &[self.lock_key(body)],
                 &[marker.as_bytes(), token.as_bytes(), lease.as_bytes()],
             )
@@ -115,7 +115,7 @@ impl L2 {
         let (token, lease) = (token.text(), millis(lease).to_string());
         let renewed: u64 = self
             .run_script(
-                include_str!("scripts/renew_lock.lua"),
+                &super::script::RENEW_LOCK,
                 &[self.lock_key(body)],
                 &[token.as_bytes(), lease.as_bytes()],
             )
@@ -128,7 +128,7 @@ impl L2 {
         let token = token.text();
         let released: u64 = self
             .run_script(
-                include_str!("scripts/unlock.lua"),
+                &super::script::UNLOCK,
                 &[self.lock_key(body)],
                 &[token.as_bytes()],
             )

@@ -22,6 +22,7 @@ pub(crate) mod budget;
 mod conn;
 mod lock;
 mod pubsub;
+mod script;
 mod stream;
 
 pub(crate) use conn::Target;
@@ -235,20 +236,24 @@ impl L2 {
             .await
     }
 
-    /// Runs one script (its text: EVAL, so a restarted or failed-over
-    /// Redis never answers `NOSCRIPT`) under the timeout.
+    /// Runs one script under the timeout: by its SHA1, and by its text
+    /// when Redis does not know it (see `script.rs`).
     async fn run_script<T: FromRedisValue>(
         &self,
-        script: &str,
+        script: &'static script::Lua,
         keys: &[String],
         args: &[&[u8]],
     ) -> Result<T, L2Fault> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(script).arg(keys.len()).arg(keys);
-        for arg in args {
-            cmd.arg(*arg);
-        }
-        self.run(&cmd).await
+        let by_hash = script.by_hash(keys, args);
+        self.guarded(|mut conn| async move {
+            match by_hash.query_async::<T>(&mut conn).await {
+                Err(e) if script::unknown(&e) => {
+                    script.by_text(keys, args).query_async::<T>(&mut conn).await
+                }
+                answer => answer,
+            }
+        })
+        .await
     }
 
     /// Sends one request (unless the circuit breaker is open), within what
@@ -370,8 +375,8 @@ impl L2 {
     /// Bumps a counter (a tag version) past its value and past the server's
     /// clock in µs, and returns the new value (`scripts/bump_tag.lua`).
     pub(crate) async fn bump_tag(&self, body: &str) -> Result<u64, L2Fault> {
-        let script = include_str!("scripts/bump_tag.lua");
-        self.run_script(script, &[self.key(body)], &[]).await
+        self.run_script(&script::BUMP_TAG, &[self.key(body)], &[])
+            .await
     }
 
     /// PUBLISH (SPUBLISH in sharded mode, routed to the channel's shard)
@@ -475,9 +480,7 @@ impl L2 {
             channel,
             payload,
         ];
-        let (version, announced): (u64, u8) = self
-            .run_script(include_str!("scripts/store.lua"), &keys, &args)
-            .await?;
+        let (version, announced): (u64, u8) = self.run_script(&script::STORE, &keys, &args).await?;
         if announced == 1 {
             self.stats.record(Event::BackplanePublished);
         }
@@ -492,12 +495,8 @@ impl L2 {
     pub(crate) async fn invalidate(&self, body: &str) -> Result<u64, L2Fault> {
         let keep = millis(VERSION_KEEP).to_string();
         let keys = [self.key(body), self.version_key(body)];
-        self.run_script(
-            include_str!("scripts/invalidate.lua"),
-            &keys,
-            &[keep.as_bytes()],
-        )
-        .await
+        self.run_script(&script::INVALIDATE, &keys, &[keep.as_bytes()])
+            .await
     }
 
     /// Runs one pipeline under the timeout, counting and logging failures.

@@ -392,6 +392,25 @@ pub fn command_calls(redis: &impl TestRedis, command: &str) -> u64 {
         .sum()
 }
 
+/// Scripts Redis ran, by text (`EVAL`) or by hash (`EVALSHA`): an
+/// `EVALSHA` that Redis answered `NOSCRIPT` (a script's first use on a
+/// server, which then goes again by text) ran nothing and is not counted.
+pub fn scripts_run(redis: &impl TestRedis) -> u64 {
+    let noscript: u64 = info_field(redis, "commandstats", "cmdstat_evalsha")
+        .iter()
+        .map(|stats| {
+            let failed = stats.split("failed_calls=").nth(1).expect("failed_calls=");
+            failed
+                .split(',')
+                .next()
+                .expect("a count")
+                .parse::<u64>()
+                .expect("a count")
+        })
+        .sum();
+    command_calls(redis, "eval") + command_calls(redis, "evalsha") - noscript
+}
+
 /// A counter of `INFO stats` (keyspace_hits, keyspace_misses, ...) since
 /// the last [`reset_command_stats`], summed over the masters.
 pub fn info_stat(redis: &impl TestRedis, field: &str) -> u64 {
