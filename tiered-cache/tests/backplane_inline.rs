@@ -95,6 +95,13 @@ async fn warm(cache: &TieredCache, key: &Key<u64>, expect: u64) {
     assert_eq!(cache.stats().l1_hits, hits + 1, "the value sits in L1");
 }
 
+/// A sets `key` to 1, B hears of it and then holds 1 in its L1.
+async fn a_writes_b_holds(a: &TieredCache, b: &TieredCache, key: &Key<u64>) {
+    a.set(key, 1, &support::opts()).await.expect("set");
+    until_within(HANG, "B hears A", || b.stats().invalidations_received >= 1).await;
+    warm(b, key, 1).await;
+}
+
 /// Lets background tasks (the publisher, on this current-thread runtime)
 /// run, so that a message they would send twice is sent.
 async fn settle() {
@@ -307,9 +314,7 @@ async fn a_set_while_redis_is_paused_returns_within_its_budget() {
     };
     let (a, b) = (build().await, build().await);
     let key = item::<u64>(1);
-    a.set(&key, 1, &support::opts()).await.expect("set");
-    until_within(HANG, "B hears A", || b.stats().invalidations_received >= 1).await;
-    warm(&b, &key, 1).await;
+    a_writes_b_holds(&a, &b, &key).await;
 
     server.pause().expect("SIGSTOP");
     let started = Instant::now();
@@ -377,9 +382,7 @@ async fn in_sharded_mode_the_publisher_announces() {
     };
     let (a, b) = (build().await, build().await);
     let key = item::<u64>(1);
-    a.set(&key, 1, &support::opts()).await.expect("set");
-    until_within(HANG, "B hears A", || b.stats().invalidations_received >= 1).await;
-    warm(&b, &key, 1).await;
+    a_writes_b_holds(&a, &b, &key).await;
     reset_command_stats(&backend);
 
     a.set(&key, 2, &support::opts()).await.expect("set");

@@ -219,24 +219,17 @@ async fn writes_survive_a_redis_that_forgot_the_scripts() {
     let b = cache_on(&server, "cas-noscript").await;
     let key = item::<u64>(1);
     let mut c = conn(&server);
-    let eval_calls = |c: &mut redis::Connection| -> (u64, u64) {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(c)
-            .expect("INFO");
-        let calls = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-                .and_then(|rest| rest.split(',').next())
-                .map_or(0, |n| n.parse::<u64>().expect("a count"))
-        };
-        (calls("eval"), calls("evalsha"))
+    let eval_calls = || {
+        (
+            support::command_calls(&server, "eval"),
+            support::command_calls(&server, "evalsha"),
+        )
     };
     a.set(&key, 1, &opts()).await.expect("set");
-    let first = eval_calls(&mut c);
+    let first = eval_calls();
     assert_eq!(first, (1, 1), "unknown by hash, then sent by text once");
     a.set(&key, 2, &opts()).await.expect("set");
-    assert_eq!(eval_calls(&mut c), (1, 2), "known now: by hash only");
+    assert_eq!(eval_calls(), (1, 2), "known now: by hash only");
 
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
@@ -245,7 +238,7 @@ async fn writes_survive_a_redis_that_forgot_the_scripts() {
     a.set(&key, 3, &opts())
         .await
         .expect("a set after the flush");
-    assert_eq!(eval_calls(&mut c), (2, 3), "sent by text again, once");
+    assert_eq!(eval_calls(), (2, 3), "sent by text again, once");
     assert_eq!(b.get(&key).await.as_deref(), Some(&3), "the write landed");
     a.invalidate(&key)
         .await
