@@ -6,6 +6,10 @@
 //!   while Redis is stopped with SIGSTOP; it prints the slowest call
 //!   against the L2 budget (250 ms, the default), and the breaker's state;
 //!   `[p11 frozen x5]` repeats it on fresh caches, one figure per round.
+//!   Beside each round: how long the busiest runtime worker waited for a
+//!   CPU around the timeouts (Linux schedstat), which is the machine's
+//!   share of a slow call. Run the built bench under `chrt -f 20` to give
+//!   the process the CPU and measure the cache's own share alone.
 //! - `p11_l1_hit/{raw_moka_get,tiered_get_redis_up,tiered_get_breaker_open}`:
 //!   one task reads 10k keys that are in L1: raw moka, ours with Redis up,
 //!   ours with Redis paused and the breaker open. P11's "after the breaker
@@ -52,12 +56,81 @@ async fn breaker_cache(url: &str) -> TieredCache {
         .expect("a cache on the bench Redis")
 }
 
+/// One frozen second, as measured.
+struct Round {
+    /// The slowest call.
+    max: Duration,
+    calls: u64,
+    /// The longest that a plain OS thread sleeping 1 ms at a time overslept
+    /// meanwhile: how loaded the machine was.
+    lag: Duration,
+    /// How long the runtime's busiest worker thread waited for a CPU while
+    /// the timed-out calls finished (from 10 ms before the budget to 12 ms
+    /// after it), by Linux's schedstat: time the OS, not the process, took.
+    worker_wait: Option<Duration>,
+    /// From the first to the last end of the tasks' slowest calls (the
+    /// calls that waited on the frozen Redis): the work after 64
+    /// simultaneous timeouts, done in turn on two workers.
+    wave: Duration,
+}
+
+impl Round {
+    fn over_budget_ms(&self) -> f64 {
+        (self.max.as_secs_f64() - BUDGET.as_secs_f64()) * 1e3
+    }
+
+    fn describe(&self) -> String {
+        let wait = self.worker_wait.map_or("n/a".to_owned(), |w| {
+            format!("{:.2}", w.as_secs_f64() * 1e3)
+        });
+        format!(
+            "{:+.2} (lag {:.2}, worker wait {wait}, wave {:.2})",
+            self.over_budget_ms(),
+            self.lag.as_secs_f64() * 1e3,
+            self.wave.as_secs_f64() * 1e3
+        )
+    }
+}
+
+/// Each tokio worker thread's time spent waiting for a CPU so far (the
+/// second field of `/proc/self/task/<tid>/schedstat`), by thread id;
+/// `None` where the OS does not tell.
+fn workers_cpu_wait() -> Option<Vec<(String, Duration)>> {
+    let mut waits = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("tokio-rt-worker") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        let nanos: u64 = stat.split_whitespace().nth(1)?.parse().ok()?;
+        let tid = task.file_name().to_string_lossy().into_owned();
+        waits.push((tid, Duration::from_nanos(nanos)));
+    }
+    Some(waits)
+}
+
+/// The busiest worker's CPU wait over `from..to` (instants from now on).
+fn worker_wait_between(from: Instant, to: Instant) -> Option<Duration> {
+    std::thread::sleep(from.saturating_duration_since(Instant::now()));
+    let before = workers_cpu_wait()?;
+    std::thread::sleep(to.saturating_duration_since(Instant::now()));
+    let after = workers_cpu_wait()?;
+    after
+        .iter()
+        .filter_map(|(tid, wait)| {
+            let (_, was) = before.iter().find(|(t, _)| t == tid)?;
+            Some(wait.saturating_sub(*was))
+        })
+        .max()
+}
+
 /// 64 tasks of `get_or_load` for 1 s on a frozen Redis: the slowest call,
-/// the calls, and what the machine added meanwhile: the longest that a
-/// plain OS thread sleeping 1 ms at a time overslept (the scheduling of a
-/// shared machine, which no code in the process controls).
-async fn frozen_max(cache: &TieredCache) -> (Duration, u64, Duration) {
-    let end = Instant::now() + Duration::from_secs(1);
+/// and what the machine did meanwhile (the scheduling of a shared
+/// machine, which no code in the process controls).
+async fn frozen_round(cache: &TieredCache) -> Round {
+    let begun = Instant::now();
+    let end = begun + Duration::from_secs(1);
     let canary = std::thread::spawn(move || {
         let mut lag = Duration::ZERO;
         while Instant::now() < end {
@@ -67,13 +140,18 @@ async fn frozen_max(cache: &TieredCache) -> (Duration, u64, Duration) {
         }
         lag
     });
+    let tail = (
+        begun + BUDGET - Duration::from_millis(10),
+        begun + BUDGET + Duration::from_millis(12),
+    );
+    let waits = std::thread::spawn(move || worker_wait_between(tail.0, tail.1));
     let calls = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..64u64)
         .map(|t| {
             let (cache, calls) = (cache.clone(), Arc::clone(&calls));
             tokio::spawn(async move {
                 let opts = EntryOptions::new(Duration::from_secs(3600));
-                let mut max = Duration::ZERO;
+                let (mut max, mut ended) = (Duration::ZERO, Instant::now());
                 let mut n = 0u64;
                 while Instant::now() < end {
                     let id = if n.is_multiple_of(2) {
@@ -89,22 +167,46 @@ async fn frozen_max(cache: &TieredCache) -> (Duration, u64, Duration) {
                         })
                         .await
                         .expect("never fails");
-                    max = max.max(started.elapsed());
+                    let took = started.elapsed();
+                    if took > max {
+                        (max, ended) = (took, Instant::now());
+                    }
                     assert_eq!(v.id, id);
                     n += 1;
                     tokio::task::yield_now().await;
                 }
                 calls.fetch_add(n, Ordering::Relaxed);
-                max
+                (max, ended)
             })
         })
         .collect();
-    let mut max = Duration::ZERO;
+    let mut slowest = Vec::new();
     for task in tasks {
-        max = max.max(task.await.expect("a task"));
+        slowest.push(task.await.expect("a task"));
     }
-    let lag = canary.join().expect("the canary thread");
-    (max, calls.load(Ordering::Relaxed), lag)
+    let max = slowest
+        .iter()
+        .map(|(max, _)| *max)
+        .max()
+        .unwrap_or_default();
+    // The first wave: the calls that waited on Redis until the timeout
+    // (not a later call that went to Redis before the breaker opened).
+    let first_wave = begun + BUDGET + BUDGET / 2;
+    let wave_ends = slowest
+        .iter()
+        .filter(|(max, ended)| *max > BUDGET / 2 && *ended < first_wave)
+        .map(|(_, ended)| *ended);
+    let wave = match (wave_ends.clone().min(), wave_ends.max()) {
+        (Some(first), Some(last)) => last - first,
+        _ => Duration::ZERO,
+    };
+    Round {
+        max,
+        calls: calls.load(Ordering::Relaxed),
+        lag: canary.join().expect("the canary thread"),
+        worker_wait: waits.join().expect("the schedstat thread"),
+        wave,
+    }
 }
 
 fn p11(c: &mut Criterion) {
@@ -143,12 +245,11 @@ fn p11(c: &mut Criterion) {
         })
     });
     server.pause().expect("SIGSTOP");
-    let (max, calls, lag) = rt.block_on(frozen_max(&cache));
+    let first = rt.block_on(frozen_round(&cache));
     let s = cache.stats();
     println!(
-        "[p11 frozen] 64 tasks, {calls} get_or_load calls in 1 s on a paused Redis: slowest {max:?} (budget {BUDGET:?}, {:+.2} ms; an OS thread overslept 1 ms sleeps by up to {:.2} ms meanwhile); breaker_state={} opened={} l2_errors={} l2_skipped={}",
-        max.as_secs_f64() * 1e3 - BUDGET.as_secs_f64() * 1e3,
-        lag.as_secs_f64() * 1e3,
+        "[p11 frozen] 64 tasks, {} get_or_load calls in 1 s on a paused Redis: slowest {:?} against the {BUDGET:?} budget, {}; breaker_state={} opened={} l2_errors={} l2_skipped={}",
+        first.calls, first.max, first.describe(),
         s.breaker_state, s.breaker_opened, s.l2_errors, s.l2_skipped
     );
     g.bench_function("tiered_get_breaker_open", |b| {
@@ -170,7 +271,7 @@ fn p11(c: &mut Criterion) {
     // The slowest call depends on what else the machine runs at that
     // moment: more rounds, each on a fresh cache (its breaker closed) that
     // has read the same keys into L1.
-    let mut slowest = vec![(max, lag)];
+    let mut rounds = vec![first];
     // Kept until the end: a cache dropped during a round would free its L1
     // on a runtime worker (issue 18) and be measured as a slow call.
     let mut kept = Vec::new();
@@ -183,23 +284,13 @@ fn p11(c: &mut Criterion) {
             fresh
         });
         server.pause().expect("SIGSTOP");
-        let (max, _, lag) = rt.block_on(frozen_max(&fresh));
-        slowest.push((max, lag));
+        rounds.push(rt.block_on(frozen_round(&fresh)));
         server.resume().expect("SIGCONT");
         kept.push(fresh);
     }
-    let over: Vec<String> = slowest
-        .iter()
-        .map(|(max, lag)| {
-            format!(
-                "{:+.2} (lag {:.2})",
-                (max.as_secs_f64() - BUDGET.as_secs_f64()) * 1e3,
-                lag.as_secs_f64() * 1e3
-            )
-        })
-        .collect();
+    let over: Vec<String> = rounds.iter().map(Round::describe).collect();
     println!(
-        "[p11 frozen x{FROZEN_ROUNDS}] slowest call per round against the {BUDGET:?} budget, and the OS thread's longest oversleep, in ms: {}",
+        "[p11 frozen x{FROZEN_ROUNDS}] per round, ms: the slowest call against the {BUDGET:?} budget (lag: an OS thread's longest oversleep of 1 ms sleeps; worker wait: the busiest runtime worker's wait for a CPU from 10 ms before the budget to 12 ms after; wave: first to last end of the calls that waited on Redis): {}",
         over.join(" ")
     );
     rt.block_on(async move { drop(kept) });
