@@ -7,7 +7,11 @@
 //!   cache whose L1 no longer holds the keys (100 L1 misses, one MGET,
 //!   envelope + value decode, promotion into L1): L1 entries are capped at
 //!   100 ms and a key comes back only every 1,000 batches. Throughput is in
-//!   keys.
+//!   keys. `tiered_get_many_second_read` is the same with
+//!   `L1Admission::SecondRead` (no key comes back within its window, so
+//!   nothing is promoted). After the groups, a `[zipf hit ratio]` line:
+//!   the share of `get`s over Zipf(1.0) that L1 served, in both admission
+//!   modes, with an L1 that holds every key and one of 8 MiB.
 //! - `get_many_breakdown/1_task`: where the cold `get_many` time goes:
 //!   `raw_mget_decode`, then `mirror_get_many_{siphash,fasthash}` (the same
 //!   plus 100 L1 lookups and 100 promotions into a moka configured as our
@@ -36,7 +40,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tiered_cache::testkit::RedisServer;
-use tiered_cache::{EntryOptions, Key, TieredCache};
+use tiered_cache::{EntryOptions, Key, L1Admission, TieredCache};
 use tokio::runtime::Runtime;
 
 use common::mirror::{Entry, FastHash};
@@ -70,7 +74,7 @@ fn batches(seed: u64) -> Batches {
 /// a key reports it missing: counted, not asserted, on our side.)
 const L1_CAP: Duration = Duration::from_millis(100);
 
-async fn cold_l1_cache(url: &str) -> TieredCache {
+async fn cold_l1_cache(url: &str, admission: L1Admission) -> TieredCache {
     TieredCache::builder()
         .namespace(common::NAMESPACE)
         .redis(url)
@@ -78,6 +82,7 @@ async fn cold_l1_cache(url: &str) -> TieredCache {
         .l2_timeout(common::L2_TIMEOUT)
         .l1_max_bytes(256 << 20)
         .l1_ttl_cap(L1_CAP)
+        .l1_admission(admission)
         .build()
         .await
         .expect("a cache on the bench Redis")
@@ -151,38 +156,94 @@ fn get_many(c: &mut Criterion, rt: &Runtime, url: &str) {
                 }
             })
         });
-        let cache = rt.block_on(cold_l1_cache(url));
-        let (next, misses) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicU64::new(0)));
-        g.bench_function("tiered_get_many", |bench| {
-            bench.to_async(rt).iter_custom(|iters| {
-                let (cache, keys) = (cache.clone(), b.keys.clone());
-                let (next, misses) = (next.clone(), misses.clone());
-                async move {
-                    let from = next.fetch_add(iters as usize, Ordering::Relaxed);
-                    let to = from + iters as usize;
-                    let start = Instant::now();
-                    let found = run_batches(tasks, from, to, move |n| {
-                        let (cache, keys) = (cache.clone(), keys.clone());
-                        async move {
-                            let got = cache.get_many(&keys[n * BATCH..][..BATCH]).await;
-                            got.iter().filter(|v| v.is_some()).count()
-                        }
-                    })
-                    .await;
-                    let elapsed = start.elapsed();
-                    misses.fetch_add(iters * BATCH as u64 - found, Ordering::Relaxed);
-                    elapsed
-                }
-            })
-        });
+        for (name, admission) in [
+            ("tiered_get_many", L1Admission::EveryRead),
+            ("tiered_get_many_second_read", L1Admission::SecondRead),
+        ] {
+            let cache = rt.block_on(cold_l1_cache(url, admission));
+            let (next, misses) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicU64::new(0)));
+            g.bench_function(name, |bench| {
+                bench.to_async(rt).iter_custom(|iters| {
+                    let (cache, keys) = (cache.clone(), b.keys.clone());
+                    let (next, misses) = (next.clone(), misses.clone());
+                    async move {
+                        let from = next.fetch_add(iters as usize, Ordering::Relaxed);
+                        let to = from + iters as usize;
+                        let start = Instant::now();
+                        let found = run_batches(tasks, from, to, move |n| {
+                            let (cache, keys) = (cache.clone(), keys.clone());
+                            async move {
+                                let got = cache.get_many(&keys[n * BATCH..][..BATCH]).await;
+                                got.iter().filter(|v| v.is_some()).count()
+                            }
+                        })
+                        .await;
+                        let elapsed = start.elapsed();
+                        misses.fetch_add(iters * BATCH as u64 - found, Ordering::Relaxed);
+                        elapsed
+                    }
+                })
+            });
+            let st = cache.stats();
+            report_cold(
+                &format!("{name} {tasks} tasks"),
+                &st,
+                misses.load(Ordering::Relaxed),
+            );
+        }
         g.finish();
-        let st = cache.stats();
-        report_cold(
-            &format!("get_many {tasks} tasks"),
-            &st,
-            misses.load(Ordering::Relaxed),
-        );
     }
+    zipf_hit_ratios(rt, url);
+}
+
+/// What `L1Admission::SecondRead` costs in hits: `get` over a Zipf(1.0)
+/// stream of the 100k keys (8 tasks, 400k reads) on a fresh cache per
+/// mode, with an L1 that holds every key and with one that holds about a
+/// tenth of them; prints the share of reads served by L1.
+fn zipf_hit_ratios(rt: &Runtime, url: &str) {
+    const READS: usize = 400_000;
+    const TASKS: usize = 8;
+    let stream = Arc::new(common::Sampler::Zipf.stream(KEYS, READS, 11));
+    let keys = Arc::new(common::keys(KEYS));
+    let mut line = Vec::new();
+    for (l1_bytes, l1_name) in [(256u64 << 20, "L1 holds all"), (8 << 20, "L1 of 8 MiB")] {
+        for (admission, name) in [
+            (L1Admission::EveryRead, "every read"),
+            (L1Admission::SecondRead, "second read"),
+        ] {
+            let ratio = rt.block_on(async {
+                let cache = TieredCache::builder()
+                    .namespace(common::NAMESPACE)
+                    .redis(url)
+                    .require_l2(true)
+                    .l2_timeout(common::L2_TIMEOUT)
+                    .l1_max_bytes(l1_bytes)
+                    .l1_admission(admission)
+                    .build()
+                    .await
+                    .expect("a cache on the bench Redis");
+                let tasks: Vec<_> = (0..TASKS)
+                    .map(|t| {
+                        let (cache, keys, stream) = (cache.clone(), keys.clone(), stream.clone());
+                        tokio::spawn(async move {
+                            for &i in stream.iter().skip(t).step_by(TASKS) {
+                                assert!(cache.get(&keys[i as usize]).await.is_some());
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.expect("a reader");
+                }
+                cache.stats().l1_hits as f64 / READS as f64
+            });
+            line.push(format!("{l1_name}, {name}: {ratio:.4}"));
+        }
+    }
+    println!(
+        "[zipf hit ratio] get over Zipf(1.0) of {KEYS} keys, {READS} reads, {TASKS} tasks, L1 hits per read: {}",
+        line.join("; ")
+    );
 }
 
 /// One variant of the hot-key read.
@@ -435,7 +496,7 @@ fn get_many_breakdown(c: &mut Criterion, rt: &Runtime, url: &str) {
         (conn.clone(), plain.clone()),
         |s, keys, raw| mirror_get_many(s.0, &s.1, keys, raw).await
     );
-    let cache = rt.block_on(cold_l1_cache(url));
+    let cache = rt.block_on(cold_l1_cache(url, L1Admission::EveryRead));
     batches_bench!(
         "tiered_get_many",
         false,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admission::L1Admission;
 use crate::backplane::{Backplane, Local};
 use crate::breaker::BreakerSettings;
 use crate::cache::TieredCache;
@@ -32,6 +33,7 @@ pub struct TieredCacheBuilder {
     namespace: String,
     l1_max_bytes: u64,
     l1_ttl_cap: Option<Duration>,
+    l1_admission: L1Admission,
     /// Its `Debug` hides passwords: the builder derives `Debug`.
     redis: Option<Target>,
     l2_timeout: Duration,
@@ -53,6 +55,7 @@ impl Default for TieredCacheBuilder {
             namespace: "tc".to_owned(),
             l1_max_bytes: 64 << 20,
             l1_ttl_cap: None,
+            l1_admission: L1Admission::EveryRead,
             redis: None,
             l2_timeout: Duration::from_millis(250),
             background_timeout: Duration::from_secs(30),
@@ -76,8 +79,9 @@ impl TieredCacheBuilder {
         self
     }
 
-    /// Bound of the in-process tier, in bytes (entries are weighed by their
-    /// encoded size plus a fixed overhead). `0` turns L1 off. Default: 64 MiB.
+    /// Bound of the in-process tier, in bytes (entries are weighed by what
+    /// they hold in memory plus a fixed overhead). `0` turns L1 off.
+    /// Default: 64 MiB.
     pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
         self.l1_max_bytes = bytes;
         self
@@ -89,6 +93,22 @@ impl TieredCacheBuilder {
     /// then also looks its entity up in a small map. Default: off.
     pub fn stats_per_entity(mut self, on: bool) -> Self {
         self.stats_per_entity = on;
+        self
+    }
+
+    /// Which values read from Redis L1 keeps: every one (the default), or,
+    /// with [`L1Admission::SecondRead`], those read a second time while L1
+    /// would still have held them. Values this instance loads or writes
+    /// always go into L1.
+    ///
+    /// ```
+    /// use tiered_cache::{L1Admission, TieredCache};
+    /// // A catalogue scanned in batches: keep only what is read again.
+    /// let builder = TieredCache::builder().l1_admission(L1Admission::SecondRead);
+    /// # drop(builder);
+    /// ```
+    pub fn l1_admission(mut self, admission: L1Admission) -> Self {
+        self.l1_admission = admission;
         self
     }
 
@@ -290,10 +310,11 @@ impl TieredCacheBuilder {
             }
             None => None,
         };
-        let l1 = (self.l1_max_bytes > 0).then(|| L1::new(self.l1_max_bytes, self.l1_ttl_cap));
+        let l1 = (self.l1_max_bytes > 0)
+            .then(|| L1::new(self.l1_max_bytes, self.l1_ttl_cap, self.l1_admission));
         let failsafe_only = l1
             .is_none()
-            .then(|| L1::new(FAILSAFE_ONLY_BYTES, self.l1_ttl_cap));
+            .then(|| L1::new(FAILSAFE_ONLY_BYTES, self.l1_ttl_cap, L1Admission::EveryRead));
         // Without Redis there is no other instance: what this one knows of
         // tag versions is all there is. With Redis, the backplane vouches.
         let tags = Arc::new(TagVersions::new(l2.is_none()));

@@ -46,6 +46,8 @@ pub(crate) enum Event {
     OversizedSkip,
     /// `stats.tag_stale_drops`.
     TagStaleDrop,
+    /// `stats.promotions_deferred`.
+    PromotionDeferred,
     /// `stats.invalidations_received`.
     InvalidationReceived,
     /// `stats.backplane_gaps`.

@@ -35,6 +35,7 @@ use moka::future::Cache;
 use moka::Expiry;
 use tokio::sync::Mutex;
 
+use crate::admission::{Doorkeeper, L1Admission};
 use crate::entry::Meta;
 use crate::tags::TagFloors;
 #[cfg(test)]
@@ -175,6 +176,8 @@ pub(crate) struct L1 {
     ttl_cap: Option<Duration>,
     drops: Arc<Drops>,
     floors: Arc<TagFloors>,
+    /// With [`L1Admission::SecondRead`]: the keys read once from Redis.
+    doorkeeper: Option<Arc<Doorkeeper>>,
 }
 
 /// Key drops are counted in this many stripes (a power of two): a drop of
@@ -238,7 +241,7 @@ impl Expiry<u64, Arc<L1Entry>> for PerEntryDeadline {
 }
 
 impl L1 {
-    pub(crate) fn new(max_bytes: u64, ttl_cap: Option<Duration>) -> Self {
+    pub(crate) fn new(max_bytes: u64, ttl_cap: Option<Duration>, admission: L1Admission) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_key: &u64, entry: &Arc<L1Entry>| entry.weight)
@@ -257,6 +260,10 @@ impl L1 {
             ttl_cap,
             drops,
             floors,
+            doorkeeper: (admission == L1Admission::SecondRead).then(|| {
+                // No entry weighs less than its overhead.
+                Arc::new(Doorkeeper::new(max_bytes / weigh::ENTRY_OVERHEAD as u64))
+            }),
         }
     }
 
@@ -270,6 +277,16 @@ impl L1 {
     #[inline]
     fn stripe_of(&self, key: &str) -> usize {
         stripe(self.hash(key))
+    }
+
+    /// Whether a value of `key` just read from Redis is to be kept here
+    /// ([`L1Admission`]): always, or on its second read within a window of
+    /// as many keys as L1 holds.
+    pub(crate) fn admits(&self, key: &str) -> bool {
+        match &self.doorkeeper {
+            None => true,
+            Some(doorkeeper) => doorkeeper.admit(self.hash(key), self.cache.entry_count()),
+        }
     }
 
     #[inline]
@@ -548,7 +565,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_promotion_read_before_a_drop_is_not_kept() {
-        let l1 = L1::new(1 << 20, None);
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
         let ticket = l1.ticket("k");
         l1.invalidate("k").await; // the drop lands while Redis is being read
         assert!(!l1.insert_since("k", entry(&l1, "k"), ticket).await);
@@ -565,7 +582,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_entry_built_before_a_clear_is_not_served_after_it() {
-        let l1 = L1::new(1 << 20, None);
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
         let ticket = l1.ticket("k");
         let built = entry(&l1, "k");
         // The promotion's check passed just before the clear; its insert
@@ -582,7 +599,7 @@ mod tests {
     /// moka's sweep skips one entry per batch of 384; the floors do not.
     #[tokio::test]
     async fn a_tag_invalidation_drops_every_entry_of_the_tag() {
-        let l1 = L1::new(64 << 20, None);
+        let l1 = L1::new(64 << 20, None, L1Admission::EveryRead);
         let tagged = |version| Meta {
             tags: vec![(Arc::from("bulk"), version)].into(),
             ..Meta::default()
@@ -615,7 +632,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_wins_over_a_promotion_read_before_it() {
-        let l1 = L1::new(1 << 20, None);
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
         let ticket = l1.ticket("k");
         let written = entry(&l1, "k");
         l1.replace("k", Arc::clone(&written)).await;
@@ -628,7 +645,7 @@ mod tests {
     /// after are hits.
     #[tokio::test]
     async fn floors_stay_bounded_and_letting_go_is_safe() {
-        let l1 = L1::new(1 << 20, None);
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
         let tagged = |tag: &str, version| Meta {
             tags: vec![(Arc::from(tag), version)].into(),
             ..Meta::default()
@@ -661,7 +678,7 @@ mod tests {
     /// (a collision) is a miss for that key, whatever the key's length.
     #[tokio::test]
     async fn a_hash_collision_is_a_miss_not_the_other_keys_value() {
-        let l1 = L1::new(1 << 20, None);
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
         let long_a = "a".repeat(INLINE_KEY + 10);
         let long_b = "b".repeat(INLINE_KEY + 10);
         for (a, b) in [("a", "b"), ("ab", "a"), (long_a.as_str(), long_b.as_str())] {
@@ -678,7 +695,7 @@ mod tests {
 
     #[tokio::test]
     async fn drops_of_keys_in_other_stripes_do_not_disturb() {
-        let l1 = L1::new(1 << 20, None);
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
         let other = (0..1000)
             .map(|i| format!("o{i}"))
             .find(|o| l1.stripe_of(o) != l1.stripe_of("k"))

@@ -137,6 +137,7 @@
 #![cfg_attr(not(test), forbid(clippy::panic))]
 #![warn(missing_docs, unreachable_pub)]
 
+mod admission;
 mod backplane;
 mod batch;
 mod breaker;
@@ -169,6 +170,7 @@ pub mod write;
 pub mod testkit;
 
 #[cfg(feature = "cluster")]
+pub use admission::L1Admission;
 pub use backplane::BackplaneMode;
 pub use breaker::BreakerSettings;
 pub use builder::TieredCacheBuilder;

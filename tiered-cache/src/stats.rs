@@ -125,6 +125,9 @@ stats! {
     oversized_skips,
     /// Entries dropped because one of their tags was invalidated after they were written.
     tag_stale_drops,
+    /// Values read from Redis and returned without a copy in L1: their
+    /// first read in the doorkeeper's window (`L1Admission::SecondRead`).
+    promotions_deferred,
     /// Invalidations (of a key, a tag, the namespace) received from other
     /// instances over the backplane and applied to L1; counted after they are applied.
     invalidations_received,
@@ -255,6 +258,7 @@ counters! {
     StaleWriteRefused => stale_writes_refused,
     OversizedSkip => oversized_skips,
     TagStaleDrop => tag_stale_drops,
+    PromotionDeferred => promotions_deferred,
     InvalidationReceived => invalidations_received,
     BackplaneGap => backplane_gaps,
     BackplanePublished => backplane_published,

@@ -651,11 +651,13 @@ impl Tiers {
             self.stats.record(Event::TagStaleDrop);
             return None;
         }
+        // Asked before decoding: a value L1 will not keep is not weighed.
+        let l1 = self.l1.as_ref().filter(|l1| l1.admits(key));
         let mut size = 0;
         let value: Option<AnyValue> = match envelope.value {
             Some(raw) => match C::decode::<V>(raw) {
                 Ok(v) => {
-                    if self.l1.is_some() {
+                    if l1.is_some() {
                         size = weigh::value_bytes(&v);
                     }
                     Some(Arc::new(v))
@@ -669,7 +671,10 @@ impl Tiers {
             None => None,
         };
         let fresh_for = Duration::from_millis(envelope.meta.expires_ms.saturating_sub(now_ms));
-        let entry = match &self.l1 {
+        if l1.is_none() && self.l1.is_some() {
+            self.stats.record(Event::PromotionDeferred);
+        }
+        let entry = match l1 {
             Some(l1) => {
                 let entry = l1.entry(key, value, envelope.meta, fresh_for, keep_for, size);
                 l1.insert_since(key, Arc::clone(&entry), ticket).await;
