@@ -464,11 +464,11 @@ impl L2 {
             keys.push(self.lock_key(body));
         }
         let token = besides.lock.map(LockToken::text).unwrap_or_default();
-        // A script's PUBLISH is classic pub/sub: in sharded mode the
-        // channel's slot is not the entry's, so the caller announces.
+        // The backplane gives no announcement in sharded mode (see
+        // `Backplane::announcement`).
         let (channel, payload): (&[u8], &[u8]) = match besides.announce {
-            Some(a) if !self.sharded_pubsub => (a.channel.as_bytes(), &a.payload),
-            _ => (b"", b""),
+            Some(a) => (a.channel.as_bytes(), &a.payload),
+            None => (b"", b""),
         };
         let args: [&[u8]; 8] = [
             envelope,
