@@ -7,7 +7,9 @@
 //! ```sh
 //! cargo bench -p tiered-cache-benches --bench hit_profile --no-run
 //! for v in raw_moka_string raw_moka_u64 tiered_get; do for n in 0 200000; do   # L1 hits
-//! # (raw_redis_get tiered_l2_get with 0 and 20000: an L2 read's CPU, L1 off)
+//! # (raw_redis_get tiered_l2_get with 0 and 20000: an L2 read's CPU, L1 off;
+//! #  raw_mget tiered_get_many with 0 and 100000: a batch read's CPU per key,
+//! #  MGETs of 100 keys, L1 off)
 //!   HIT_PROFILE=$v HIT_READS=$n valgrind --tool=cachegrind --cache-sim=yes \
 //!     --cachegrind-out-file=/dev/null target/release/deps/hit_profile-* 2>&1 | grep -E 'I +refs|D1  misses|LLd misses'
 //! done; done
@@ -27,13 +29,19 @@ use tiered_cache::EntryOptions;
 
 use common::{keys, product, Cursor, Product, Sampler, KEYS};
 
-const VARIANTS: [&str; 5] = [
+const VARIANTS: [&str; 7] = [
     "raw_moka_string",
     "raw_moka_u64",
     "tiered_get",
     "raw_redis_get",
     "tiered_l2_get",
+    "raw_mget",
+    "tiered_get_many",
 ];
+
+/// Keys per batch of the `raw_mget` and `tiered_get_many` variants, whose
+/// reads count keys (a read of 100 keys is 100 reads).
+const BATCH: usize = 100;
 
 /// The L2 variants read this many keys (populating 100k under valgrind
 /// would take minutes); every read goes to Redis.
@@ -129,6 +137,34 @@ async fn run(variant: &str, reads: usize, sampler: Sampler) -> Duration {
                     black_box(cache.get(&keys[i]).await).is_some()
                 };
                 hits += usize::from(found);
+            }
+        }
+        "raw_mget" | "tiered_get_many" => {
+            let server = tiered_cache::testkit::RedisServer::start().expect("redis-server");
+            let keys = Arc::new(common::keys(L2_KEYS));
+            common::populate(&server.url(), &keys).await;
+            let raw_keys: Vec<String> = keys.iter().map(common::raw_key).collect();
+            let mut conn = common::raw_connection(&server.url()).await;
+            let cache = common::redis_cache(&server.url(), 0).await;
+            started = Instant::now();
+            for b in 0..reads / BATCH {
+                let at = (b * BATCH) % (L2_KEYS - BATCH);
+                hits += if variant == "raw_mget" {
+                    let replies: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                        .arg(&raw_keys[at..at + BATCH])
+                        .query_async(&mut conn)
+                        .await
+                        .expect("MGET");
+                    replies
+                        .iter()
+                        .flatten()
+                        .filter_map(|bytes| postcard::from_bytes::<Product>(bytes).ok())
+                        .map(|p| black_box(Arc::new(p)))
+                        .count()
+                } else {
+                    let got = cache.get_many(&keys[at..at + BATCH]).await;
+                    black_box(&got).iter().flatten().count()
+                };
             }
         }
         other => panic!("HIT_PROFILE={other}: not one of {VARIANTS:?}"),

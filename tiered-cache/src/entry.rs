@@ -115,12 +115,19 @@ pub(crate) fn decode(bytes: &[u8], codec: u8) -> Result<Envelope<'_>, BadEntry> 
     let load_micros = r.u32()?;
     let version = r.u64()?;
     let count = r.u16()?;
-    let mut tags = Vec::with_capacity(usize::from(count));
-    for _ in 0..count {
-        let len = usize::from(r.u16()?);
-        let tag = std::str::from_utf8(r.take(len)?).map_err(|_| BadEntry::Truncated)?;
-        tags.push((Arc::from(tag), r.u64()?));
+    let mut stamps = TagStamps { r, left: count };
+    // Checked first, so that the stamps are then built in one allocation
+    // (an `Arc<[_]>` collected from a range knows its length up front).
+    let mut after_tags = stamps.clone();
+    for stamp in after_tags.by_ref() {
+        stamp?;
     }
+    let tags = (0..count)
+        .map(|_| match stamps.next() {
+            Some(Ok((tag, version))) => (Arc::from(tag), version),
+            _ => (Arc::from(""), 0), // checked above: never
+        })
+        .collect();
     let negative = flags & FLAG_NEGATIVE != 0;
     Ok(Envelope {
         meta: Meta {
@@ -129,12 +136,59 @@ pub(crate) fn decode(bytes: &[u8], codec: u8) -> Result<Envelope<'_>, BadEntry> 
             stale_until_ms,
             load_micros,
             version,
-            tags: tags.into(),
+            tags,
         },
-        value: if negative { None } else { Some(r.0) },
+        value: if negative { None } else { Some(after_tags.r.0) },
     })
 }
 
+/// The tag names of stored bytes, read in place (none when the bytes are
+/// not an entry of `codec`: [`decode`] says why).
+pub(crate) fn tag_names(bytes: &[u8], codec: u8) -> impl Iterator<Item = &str> {
+    let header = 1 + 1 + 1 + 8 + 8 + 8 + 4 + 8;
+    let mut r = Reader(bytes);
+    let ours = r.u8() == Ok(FORMAT) && r.u8() == Ok(codec) && r.take(header - 2).is_ok();
+    let left = if ours { r.u16().unwrap_or(0) } else { 0 };
+    TagStamps { r, left }
+        .map_while(Result::ok)
+        .map(|(tag, _)| tag)
+}
+
+/// The `(tag, version)` stamps of an entry's header, read in place.
+#[derive(Clone)]
+struct TagStamps<'a> {
+    r: Reader<'a>,
+    left: u16,
+}
+
+impl<'a> Iterator for TagStamps<'a> {
+    type Item = Result<(&'a str, u64), BadEntry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let mut stamp = || {
+            let len = usize::from(self.r.u16()?);
+            let tag = std::str::from_utf8(self.r.take(len)?).map_err(|_| BadEntry::Truncated)?;
+            Ok((tag, self.r.u64()?))
+        };
+        let stamp = stamp();
+        if stamp.is_err() {
+            self.left = 0;
+        }
+        Some(stamp)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (usize::from(self.left), Some(usize::from(self.left)))
+    }
+}
+
+impl ExactSizeIterator for TagStamps<'_> {}
+
+#[derive(Clone)]
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -228,5 +282,21 @@ mod tests {
         assert_eq!(decode(&bytes, 1).unwrap_err(), BadEntry::WrongCodec);
         bytes[0] = 0;
         assert_eq!(decode(&bytes, 0).unwrap_err(), BadEntry::UnknownFormat);
+    }
+
+    #[test]
+    fn tag_names_are_read_in_place_and_stop_at_bad_bytes() {
+        let bytes = encode_header(&meta(), 0, false, 0);
+        assert_eq!(tag_names(&bytes, 0).collect::<Vec<_>>(), ["products", ""]);
+        assert_eq!(tag_names(&bytes, 1).count(), 0, "another codec's entry");
+        for n in 0..bytes.len() {
+            let names: Vec<_> = tag_names(&bytes[..n], 0).collect();
+            assert!(names.len() < 2, "prefix of {n} bytes gave {names:?}");
+        }
+        let mut bad = bytes.clone();
+        let first = bad.len() - (2 + 8 + 0 + 8) - 8; // the first tag's first byte
+        bad[first] = 0xff;
+        assert!(decode(&bad, 0).is_err(), "a tag that is not UTF-8");
+        assert_eq!(tag_names(&bad, 0).count(), 0);
     }
 }

@@ -335,8 +335,13 @@ impl TagVersions {
 
     /// Reads from Redis (one MGET) the versions of `tags` this instance
     /// cannot vouch for, so that [`TagVersions::judge`] can then decide.
-    pub(crate) async fn read(&self, tags: &[Arc<str>], l2: Option<&L2>) {
-        let unvouched = self.unvouched(tags.iter().map(|tag| &**tag));
+    pub(crate) async fn read<'a>(&self, tags: impl Iterator<Item = &'a str>, l2: Option<&L2>) {
+        let mut names: Vec<&str> = tags.collect();
+        // Entries of a batch mostly carry the same tags in the same order.
+        names.dedup();
+        names.sort_unstable();
+        names.dedup();
+        let unvouched = self.unvouched(names.into_iter());
         if !unvouched.is_empty() {
             self.fetch(&unvouched, l2).await;
         }

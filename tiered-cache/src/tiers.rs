@@ -521,15 +521,8 @@ impl Tiers {
     /// Reads from Redis, in one MGET, the versions of the tags of these
     /// stored entries that this instance cannot vouch for.
     async fn read_tags_of<'a>(&self, codec: u8, entries: impl Iterator<Item = &'a [u8]>) {
-        let mut names: Vec<Arc<str>> = Vec::new();
-        for bytes in entries {
-            if let Ok(envelope) = entry::decode(bytes, codec) {
-                names.extend(envelope.meta.tags.iter().map(|(tag, _)| Arc::clone(tag)));
-            }
-        }
-        names.sort_unstable();
-        names.dedup();
-        self.tags.read(&names, self.l2.as_ref()).await;
+        let names = entries.flat_map(|bytes| entry::tag_names(bytes, codec));
+        self.tags.read(names, self.l2.as_ref()).await;
     }
 
     /// What a plain read (`get`, `get_many`) makes of `key` in L1: one

@@ -31,6 +31,10 @@ pub(crate) use lock::{LockToken, LockTry};
 pub(crate) use pubsub::{Health, Messages};
 pub(crate) use stream::StreamEntry;
 
+/// What an entry's version counter adds to the entry's key (after its
+/// hash tag, so both live in one Cluster slot).
+const VERSION_SUFFIX: &str = "#v";
+
 /// Why a Redis call did not give an answer.
 #[derive(Debug)]
 pub(crate) enum L2Fault {
@@ -201,6 +205,30 @@ impl L2 {
         budget::within(self.timeout, call)
     }
 
+    /// Appends the Redis key of `body` (and `suffix`) to `cmd` as its next
+    /// argument, put together on the stack: the hot reads build no `String`
+    /// per key (a key longer than the buffer still does).
+    fn key_arg(&self, cmd: &mut Cmd, body: &str, suffix: &str) {
+        let parts = [
+            self.namespace.as_bytes(),
+            b":",
+            body.as_bytes(),
+            suffix.as_bytes(),
+        ];
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        let mut buf = [0u8; 256];
+        if len > buf.len() {
+            cmd.arg(parts.concat());
+            return;
+        }
+        let mut at = 0;
+        for part in parts {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        cmd.arg(&buf[..len]);
+    }
+
     /// The Redis key of an entry, or of any other key of this namespace.
     fn key(&self, body: &str) -> String {
         let mut k = String::with_capacity(self.namespace.len() + 1 + body.len());
@@ -339,7 +367,9 @@ impl L2 {
 
     /// GET of one entry.
     pub(crate) async fn get(&self, body: &str) -> Result<Option<Vec<u8>>, L2Fault> {
-        self.run(redis::cmd("GET").arg(self.key(body))).await
+        let mut cmd = redis::cmd("GET");
+        self.key_arg(&mut cmd, body, "");
+        self.run(&cmd).await
     }
 
     /// MGET of many entries in one round trip. Keys holding another type read
@@ -350,7 +380,7 @@ impl L2 {
         }
         let mut cmd = redis::cmd("MGET");
         for body in bodies {
-            cmd.arg(self.key(body));
+            self.key_arg(&mut cmd, body, "");
         }
         let replies: Vec<Option<Vec<u8>>> = self.run(&cmd).await?;
         if replies.len() != bodies.len() {
@@ -395,7 +425,7 @@ impl L2 {
     /// suffix after its hash tag, so both live in one Cluster slot.
     fn version_key(&self, body: &str) -> String {
         let mut k = self.key(body);
-        k.push_str("#v");
+        k.push_str(VERSION_SUFFIX);
         k
     }
 
@@ -416,7 +446,8 @@ impl L2 {
         }
         let mut cmd = redis::cmd("MGET");
         for body in bodies {
-            cmd.arg(self.version_key(body)).arg(self.key(body));
+            self.key_arg(&mut cmd, body, VERSION_SUFFIX);
+            self.key_arg(&mut cmd, body, "");
         }
         let replies: Vec<Option<Vec<u8>>> = self.run(&cmd).await?;
         if replies.len() != bodies.len() * 2 {
