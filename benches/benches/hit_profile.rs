@@ -121,7 +121,7 @@ async fn run(variant: &str, reads: usize, sampler: Sampler) -> Duration {
                     usize::from(black_box(cache.get(&keys[cursor.next_index()]).await).is_some());
             }
         }
-        "raw_redis_get" | "tiered_l2_get" => {
+        "raw_redis_get" | "tiered_l2_get" | "raw_mget" | "tiered_get_many" => {
             let server = tiered_cache::testkit::RedisServer::start().expect("redis-server");
             let keys = Arc::new(common::keys(L2_KEYS));
             common::populate(&server.url(), &keys).await;
@@ -129,42 +129,36 @@ async fn run(variant: &str, reads: usize, sampler: Sampler) -> Duration {
             let mut conn = common::raw_connection(&server.url()).await;
             let cache = common::redis_cache(&server.url(), 0).await;
             started = Instant::now();
-            for _ in 0..reads {
-                let i = cursor.next_index() % L2_KEYS;
-                let found = if variant == "raw_redis_get" {
-                    black_box(common::get_decode(&mut conn, &raw_keys[i]).await).is_some()
-                } else {
-                    black_box(cache.get(&keys[i]).await).is_some()
-                };
-                hits += usize::from(found);
-            }
-        }
-        "raw_mget" | "tiered_get_many" => {
-            let server = tiered_cache::testkit::RedisServer::start().expect("redis-server");
-            let keys = Arc::new(common::keys(L2_KEYS));
-            common::populate(&server.url(), &keys).await;
-            let raw_keys: Vec<String> = keys.iter().map(common::raw_key).collect();
-            let mut conn = common::raw_connection(&server.url()).await;
-            let cache = common::redis_cache(&server.url(), 0).await;
-            started = Instant::now();
-            for b in 0..reads / BATCH {
-                let at = (b * BATCH) % (L2_KEYS - BATCH);
-                hits += if variant == "raw_mget" {
-                    let replies: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-                        .arg(&raw_keys[at..at + BATCH])
-                        .query_async(&mut conn)
-                        .await
-                        .expect("MGET");
-                    replies
-                        .iter()
-                        .flatten()
-                        .filter_map(|bytes| postcard::from_bytes::<Product>(bytes).ok())
-                        .map(|p| black_box(Arc::new(p)))
-                        .count()
-                } else {
-                    let got = cache.get_many(&keys[at..at + BATCH]).await;
-                    black_box(&got).iter().flatten().count()
-                };
+            if variant.ends_with("get") {
+                for _ in 0..reads {
+                    let i = cursor.next_index() % L2_KEYS;
+                    let found = if variant == "raw_redis_get" {
+                        black_box(common::get_decode(&mut conn, &raw_keys[i]).await).is_some()
+                    } else {
+                        black_box(cache.get(&keys[i]).await).is_some()
+                    };
+                    hits += usize::from(found);
+                }
+            } else {
+                for b in 0..reads / BATCH {
+                    let at = (b * BATCH) % (L2_KEYS - BATCH);
+                    hits += if variant == "raw_mget" {
+                        let replies: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                            .arg(&raw_keys[at..at + BATCH])
+                            .query_async(&mut conn)
+                            .await
+                            .expect("MGET");
+                        replies
+                            .iter()
+                            .flatten()
+                            .filter_map(|bytes| postcard::from_bytes::<Product>(bytes).ok())
+                            .map(|p| black_box(Arc::new(p)))
+                            .count()
+                    } else {
+                        let got = cache.get_many(&keys[at..at + BATCH]).await;
+                        black_box(&got).iter().flatten().count()
+                    };
+                }
             }
         }
         other => panic!("HIT_PROFILE={other}: not one of {VARIANTS:?}"),
