@@ -294,7 +294,10 @@ mod tests {
             assert!(names.len() < 2, "prefix of {n} bytes gave {names:?}");
         }
         let mut bad = bytes.clone();
-        let first = bad.len() - (2 + 8 + 0 + 8) - 8; // the first tag's first byte
+        // The first tag's first byte: before it, from the end, the second
+        // tag (length, empty name, version) and the first's 8-byte name
+        // and version.
+        let first = bad.len() - (2 + 8) - (8 + 8);
         bad[first] = 0xff;
         assert!(decode(&bad, 0).is_err(), "a tag that is not UTF-8");
         assert_eq!(tag_names(&bad, 0).count(), 0);
