@@ -123,8 +123,8 @@ pub(crate) fn decode(bytes: &[u8], codec: u8) -> Result<Envelope<'_>, BadEntry> 
         stamp?;
     }
     let tags = (0..count)
-        .map(|_| match stamps.next() {
-            Some(Ok((tag, version))) => (Arc::from(tag), version),
+        .map(|i| match stamps.next() {
+            Some(Ok((tag, version))) => (shared_name(usize::from(i), tag), version),
             _ => (Arc::from(""), 0), // checked above: never
         })
         .collect();
@@ -140,6 +140,38 @@ pub(crate) fn decode(bytes: &[u8], codec: u8) -> Result<Envelope<'_>, BadEntry> 
         },
         value: if negative { None } else { Some(after_tags.r.0) },
     })
+}
+
+/// Tag positions whose last name each thread remembers.
+const SHARED_TAGS: usize = 4;
+
+thread_local! {
+    /// The tag names this thread decoded last, by position in the entry.
+    static LAST_TAGS: std::cell::RefCell<[Option<Arc<str>>; SHARED_TAGS]> =
+        const { std::cell::RefCell::new([None, None, None, None]) };
+}
+
+/// Tag number `at` of an entry, `tag`, as an `Arc<str>`: shared with the
+/// entry this thread decoded before when that one had the same name there
+/// (entries of a kind carry the same tags in the same order, and all
+/// carry their namespace's), so a read allocates no name. Per thread, so
+/// that reads on different threads do not all count references on one
+/// shared name.
+fn shared_name(at: usize, tag: &str) -> Arc<str> {
+    let shared = LAST_TAGS.try_with(|last| {
+        let mut last = last.try_borrow_mut().ok()?;
+        let slot = last.get_mut(at)?;
+        match slot {
+            Some(name) if **name == *tag => Some(Arc::clone(name)),
+            _ => {
+                let name: Arc<str> = Arc::from(tag);
+                *slot = Some(Arc::clone(&name));
+                Some(name)
+            }
+        }
+    });
+    // Past the remembered positions, or on a thread being torn down.
+    shared.ok().flatten().unwrap_or_else(|| Arc::from(tag))
 }
 
 /// The tag names of stored bytes, read in place (none when the bytes are
@@ -301,5 +333,26 @@ mod tests {
         bad[first] = 0xff;
         assert!(decode(&bad, 0).is_err(), "a tag that is not UTF-8");
         assert_eq!(tag_names(&bad, 0).count(), 0);
+    }
+
+    #[test]
+    fn entries_with_the_same_tags_share_their_names() {
+        let bytes = encode_header(&meta(), 0, false, 0);
+        let (a, b) = (decode(&bytes, 0).unwrap(), decode(&bytes, 0).unwrap());
+        assert_eq!(a.meta, meta());
+        for n in 0..2 {
+            assert!(Arc::ptr_eq(&a.meta.tags[n].0, &b.meta.tags[n].0), "tag {n}");
+        }
+        let other = Meta {
+            tags: vec![(Arc::from("orders"), 1)].into(),
+            ..meta()
+        };
+        let other_bytes = encode_header(&other, 0, false, 0);
+        let c = decode(&other_bytes, 0).unwrap();
+        assert_eq!(
+            &*c.meta.tags[0].0, "orders",
+            "another name is not taken for the last"
+        );
+        assert_eq!(decode(&bytes, 0).unwrap().meta, meta());
     }
 }
