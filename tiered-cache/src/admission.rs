@@ -42,6 +42,9 @@ const BITS_PER_KEY: u64 = 8;
 /// The smallest window, in keys: a nearly empty L1 still lets keys that
 /// come back soon in.
 const MIN_WINDOW: u64 = 1 << 12;
+/// The largest window, in keys (a 4 MiB bit set): an L1 bound of
+/// `u64::MAX` bytes must not ask for a bit set of that order.
+const MAX_WINDOW: u64 = 1 << 22;
 
 /// The keys asked about in the current window, as a two-probe bit set over
 /// their 64-bit L1 hash.
@@ -57,7 +60,8 @@ pub(crate) struct Doorkeeper {
 impl Doorkeeper {
     /// A doorkeeper for an L1 that holds up to `max_entries` entries.
     pub(crate) fn new(max_entries: u64) -> Self {
-        let bits = (max_entries.max(MIN_WINDOW) * BITS_PER_KEY).next_power_of_two();
+        let keys = max_entries.clamp(MIN_WINDOW, MAX_WINDOW);
+        let bits = (keys * BITS_PER_KEY).next_power_of_two();
         let words = (0..bits / 64).map(|_| AtomicU64::new(0)).collect();
         Doorkeeper {
             words,
@@ -158,5 +162,16 @@ mod tests {
             admitted < strangers as usize / 10,
             "{admitted} of {strangers} never-seen keys would be admitted"
         );
+    }
+
+    #[test]
+    fn any_l1_bound_gets_a_bounded_bit_set() {
+        for max_entries in [0, 1, MIN_WINDOW - 1, 1 << 30, u64::MAX] {
+            let d = Doorkeeper::new(max_entries);
+            assert!(d.words.len() as u64 * 64 <= MAX_WINDOW * BITS_PER_KEY);
+            assert!(d.max_window >= MIN_WINDOW);
+            assert!(!d.admit(hash(1), u64::MAX));
+            assert!(d.admit(hash(1), 0));
+        }
     }
 }

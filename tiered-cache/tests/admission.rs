@@ -157,3 +157,33 @@ async fn a_key_back_after_the_window_is_a_first_read_again() {
         "the scan was kept out of L1"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_between_the_two_reads_is_what_l1_keeps() {
+    let server = server();
+    let writer = cache_on(&server, "adm5").await;
+    let reader = second_read_cache(&server, "adm5").await;
+    let key = item::<String>(1);
+    writer
+        .set(&key, "old".to_owned(), &opts())
+        .await
+        .expect("set");
+    assert_eq!(
+        reader.get(&key).await.as_deref().map(String::as_str),
+        Some("old")
+    );
+    writer
+        .set(&key, "new".to_owned(), &opts())
+        .await
+        .expect("overwrite");
+    // The second read is the one kept: it must keep the new value.
+    for read in 2..=3 {
+        assert_eq!(
+            reader.get(&key).await.as_deref().map(String::as_str),
+            Some("new"),
+            "read {read}"
+        );
+    }
+    let s = reader.stats();
+    assert_eq!((s.l2_hits, s.l1_hits, s.promotions_deferred), (2, 1, 1));
+}
