@@ -115,19 +115,13 @@ pub(crate) fn decode(bytes: &[u8], codec: u8) -> Result<Envelope<'_>, BadEntry> 
     let load_micros = r.u32()?;
     let version = r.u64()?;
     let count = r.u16()?;
-    let mut stamps = TagStamps { r, left: count };
-    // Checked first, so that the stamps are then built in one allocation
-    // (an `Arc<[_]>` collected from a range knows its length up front).
+    let stamps = TagStamps { r, left: count };
+    // Checked first, so that the stamps are then built in one allocation.
     let mut after_tags = stamps.clone();
     for stamp in after_tags.by_ref() {
         stamp?;
     }
-    let tags = (0..count)
-        .map(|i| match stamps.next() {
-            Some(Ok((tag, version))) => (shared_name(usize::from(i), tag), version),
-            _ => (Arc::from(""), 0), // checked above: never
-        })
-        .collect();
+    let tags = shared_stamps(stamps);
     let negative = flags & FLAG_NEGATIVE != 0;
     Ok(Envelope {
         meta: Meta {
@@ -140,6 +134,53 @@ pub(crate) fn decode(bytes: &[u8], codec: u8) -> Result<Envelope<'_>, BadEntry> 
         },
         value: if negative { None } else { Some(after_tags.r.0) },
     })
+}
+
+thread_local! {
+    /// The tag stamps this thread decoded last.
+    static LAST_STAMPS: std::cell::RefCell<Option<Arc<[TagStamp]>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// An entry's (checked) tag stamps: the very stamps of the entry this
+/// thread decoded before when they are equal (entries written between two
+/// invalidations of their tags carry the same ones), else newly built, in
+/// one allocation (an `Arc<[_]>` collected from a range knows its length
+/// up front), with shared names.
+fn shared_stamps(stamps: TagStamps<'_>) -> Arc<[TagStamp]> {
+    let same = |last: &Arc<[TagStamp]>| {
+        last.len() == stamps.len()
+            && last
+                .iter()
+                .zip(stamps.clone())
+                .all(|((name, version), stamp)| {
+                    stamp.is_ok_and(|(tag, v)| v == *version && **name == *tag)
+                })
+    };
+    let last = LAST_STAMPS.try_with(|last| {
+        last.try_borrow()
+            .ok()?
+            .as_ref()
+            .filter(|l| same(l))
+            .cloned()
+    });
+    if let Ok(Some(last)) = last {
+        return last;
+    }
+    let count = stamps.len();
+    let mut stamps = stamps;
+    let built: Arc<[TagStamp]> = (0..count)
+        .map(|i| match stamps.next() {
+            Some(Ok((tag, version))) => (shared_name(i, tag), version),
+            _ => (Arc::from(""), 0), // checked by the caller: never
+        })
+        .collect();
+    let _ = LAST_STAMPS.try_with(|last| {
+        if let Ok(mut last) = last.try_borrow_mut() {
+            *last = Some(Arc::clone(&built));
+        }
+    });
+    built
 }
 
 /// Tag positions whose last name each thread remembers.
@@ -354,5 +395,18 @@ mod tests {
             "another name is not taken for the last"
         );
         assert_eq!(decode(&bytes, 0).unwrap().meta, meta());
+        // Equal stamps are the same stamps; a newer version is not.
+        let (d, e) = (decode(&bytes, 0).unwrap(), decode(&bytes, 0).unwrap());
+        assert!(Arc::ptr_eq(&d.meta.tags, &e.meta.tags));
+        let mut newer = meta();
+        newer.tags = vec![(Arc::from("products"), 8), (Arc::from(""), 0)].into();
+        let newer_bytes = encode_header(&newer, 0, false, 0);
+        let f = decode(&newer_bytes, 0).unwrap();
+        assert_eq!(f.meta.tags[0].1, 8);
+        assert!(!Arc::ptr_eq(&f.meta.tags, &d.meta.tags));
+        assert!(
+            Arc::ptr_eq(&f.meta.tags[0].0, &d.meta.tags[0].0),
+            "the name is still shared"
+        );
     }
 }
