@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{builder_on, cache_on, counter, counting, item, opts, server};
+use support::{builder_on, cache_on, counter, counting, item, opts, server, until_within};
 use tiered_cache::{L1Admission, TieredCache};
 
 async fn second_read_cache(server: &tiered_cache::testkit::RedisServer, ns: &str) -> TieredCache {
@@ -24,12 +24,14 @@ async fn second_read_cache(server: &tiered_cache::testkit::RedisServer, ns: &str
 async fn a_value_read_from_redis_enters_l1_on_its_second_read() {
     let server = server();
     let writer = cache_on(&server, "adm1").await;
-    let reader = second_read_cache(&server, "adm1").await;
     let key = item::<String>(1);
     writer
         .set(&key, "v1".to_owned(), &opts())
         .await
         .expect("set");
+    // Built after the writes it reads: no backplane message of theirs can
+    // arrive late and drop what it keeps.
+    let reader = second_read_cache(&server, "adm1").await;
 
     for read in 1..=3 {
         assert_eq!(
@@ -69,7 +71,6 @@ async fn a_value_read_from_redis_enters_l1_on_its_second_read() {
 async fn a_batch_is_kept_on_its_second_read_and_served_from_l1_on_its_third() {
     let server = server();
     let writer = cache_on(&server, "adm2").await;
-    let reader = second_read_cache(&server, "adm2").await;
     let keys: Vec<_> = (0..100).map(item::<String>).collect();
     for (i, key) in keys.iter().enumerate() {
         writer
@@ -77,6 +78,7 @@ async fn a_batch_is_kept_on_its_second_read_and_served_from_l1_on_its_third() {
             .await
             .expect("set");
     }
+    let reader = second_read_cache(&server, "adm2").await;
     let want: Vec<Option<String>> = (0..100).map(|i| Some(format!("v{i}"))).collect();
     for round in 1..=3 {
         let got: Vec<Option<String>> = reader
@@ -120,6 +122,10 @@ async fn loaded_and_written_values_enter_l1_at_once() {
 async fn a_key_back_after_the_window_is_a_first_read_again() {
     let server = server();
     let writer = cache_on(&server, "adm4").await;
+    let keys: Vec<_> = (0..4_200).map(item::<String>).collect();
+    for key in &keys {
+        writer.set(key, "v".to_owned(), &opts()).await.expect("set");
+    }
     // A small L1: the window is its least, 4,096 keys.
     let reader = builder_on(&server, "adm4")
         .require_l2(true)
@@ -128,10 +134,6 @@ async fn a_key_back_after_the_window_is_a_first_read_again() {
         .build()
         .await
         .expect("cache");
-    let keys: Vec<_> = (0..4_200).map(item::<String>).collect();
-    for key in &keys {
-        writer.set(key, "v".to_owned(), &opts()).await.expect("set");
-    }
     // Key 0, then 4,199 other keys once each: the window fills and clears.
     // (A few of its keys may be admitted early: the doorkeeper's false
     // positives.)
@@ -162,12 +164,12 @@ async fn a_key_back_after_the_window_is_a_first_read_again() {
 async fn a_write_between_the_two_reads_is_what_l1_keeps() {
     let server = server();
     let writer = cache_on(&server, "adm5").await;
-    let reader = second_read_cache(&server, "adm5").await;
     let key = item::<String>(1);
     writer
         .set(&key, "old".to_owned(), &opts())
         .await
         .expect("set");
+    let reader = second_read_cache(&server, "adm5").await;
     assert_eq!(
         reader.get(&key).await.as_deref().map(String::as_str),
         Some("old")
@@ -176,6 +178,12 @@ async fn a_write_between_the_two_reads_is_what_l1_keeps() {
         .set(&key, "new".to_owned(), &opts())
         .await
         .expect("overwrite");
+    // Delivered before the second read (a message that came after it would
+    // drop the kept copy, rightly, and the third read would go to Redis).
+    until_within(Duration::from_secs(5), "the overwrite's message", || {
+        reader.stats().invalidations_received >= 1
+    })
+    .await;
     // The second read is the one kept: it must keep the new value.
     for read in 2..=3 {
         assert_eq!(
