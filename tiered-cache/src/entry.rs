@@ -119,7 +119,8 @@ pub(crate) fn decode(bytes: &[u8], codec: u8) -> Result<Envelope<'_>, BadEntry> 
     // Checked first, so that the stamps are then built in one allocation.
     let mut after_tags = stamps.clone();
     for stamp in after_tags.by_ref() {
-        stamp?;
+        let (name, _) = stamp?;
+        std::str::from_utf8(name).map_err(|_| BadEntry::Truncated)?;
     }
     let tags = shared_stamps(stamps);
     let negative = flags & FLAG_NEGATIVE != 0;
@@ -142,77 +143,55 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// An entry's (checked) tag stamps: the very stamps of the entry this
-/// thread decoded before when they are equal (entries written between two
-/// invalidations of their tags carry the same ones), else newly built, in
-/// one allocation (an `Arc<[_]>` collected from a range knows its length
-/// up front), with shared names.
+/// An entry's checked tag stamps, sharing what they can with the stamps of
+/// the entry this thread decoded before (per thread, so that reads on
+/// different threads do not all count references on one `Arc`): those very
+/// stamps when names and versions are equal (entries written between two
+/// invalidations of their tags carry the same ones), else new stamps in one
+/// allocation that keep the names found at the same positions (entries of a
+/// kind carry the same tags in the same order).
 fn shared_stamps(stamps: TagStamps<'_>) -> Arc<[TagStamp]> {
-    let same = |last: &Arc<[TagStamp]>| {
-        last.len() == stamps.len()
-            && last
-                .iter()
-                .zip(stamps.clone())
-                .all(|((name, version), stamp)| {
-                    stamp.is_ok_and(|(tag, v)| v == *version && **name == *tag)
-                })
-    };
-    let last = LAST_STAMPS.try_with(|last| {
-        last.try_borrow()
-            .ok()?
-            .as_ref()
-            .filter(|l| same(l))
-            .cloned()
-    });
-    if let Ok(Some(last)) = last {
-        return last;
-    }
-    let count = stamps.len();
-    let mut stamps = stamps;
-    let built: Arc<[TagStamp]> = (0..count)
-        .map(|i| match stamps.next() {
-            Some(Ok((tag, version))) => (shared_name(i, tag), version),
-            _ => (Arc::from(""), 0), // checked by the caller: never
-        })
-        .collect();
-    let _ = LAST_STAMPS.try_with(|last| {
-        if let Ok(mut last) = last.try_borrow_mut() {
-            *last = Some(Arc::clone(&built));
-        }
-    });
-    built
-}
-
-/// Tag positions whose last name each thread remembers.
-const SHARED_TAGS: usize = 4;
-
-thread_local! {
-    /// The tag names this thread decoded last, by position in the entry.
-    static LAST_TAGS: std::cell::RefCell<[Option<Arc<str>>; SHARED_TAGS]> =
-        const { std::cell::RefCell::new([None, None, None, None]) };
-}
-
-/// Tag number `at` of an entry, `tag`, as an `Arc<str>`: shared with the
-/// entry this thread decoded before when that one had the same name there
-/// (entries of a kind carry the same tags in the same order, and all
-/// carry their namespace's), so a read allocates no name. Per thread, so
-/// that reads on different threads do not all count references on one
-/// shared name.
-fn shared_name(at: usize, tag: &str) -> Arc<str> {
-    let shared = LAST_TAGS.try_with(|last| {
+    let shared = LAST_STAMPS.try_with(|last| {
         let mut last = last.try_borrow_mut().ok()?;
-        let slot = last.get_mut(at)?;
-        match slot {
-            Some(name) if **name == *tag => Some(Arc::clone(name)),
-            _ => {
-                let name: Arc<str> = Arc::from(tag);
-                *slot = Some(Arc::clone(&name));
-                Some(name)
-            }
+        if let Some(previous) = last.as_ref().filter(|p| same_stamps(p, stamps.clone())) {
+            return Some(Arc::clone(previous));
         }
+        let built = build_stamps(stamps.clone(), last.as_deref());
+        *last = Some(Arc::clone(&built));
+        Some(built)
     });
-    // Past the remembered positions, or on a thread being torn down.
-    shared.ok().flatten().unwrap_or_else(|| Arc::from(tag))
+    // On a thread being torn down: stamps of its own.
+    shared
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| build_stamps(stamps, None))
+}
+
+fn same_stamps(previous: &[TagStamp], stamps: TagStamps<'_>) -> bool {
+    previous.len() == stamps.len()
+        && previous.iter().zip(stamps).all(|((name, version), stamp)| {
+            stamp.is_ok_and(|(tag, v)| v == *version && name.as_bytes() == tag)
+        })
+}
+
+/// Stamps in one allocation (an `Arc<[_]>` collected from a range knows its
+/// length up front), with the names of `previous` where they are equal.
+fn build_stamps(mut stamps: TagStamps<'_>, previous: Option<&[TagStamp]>) -> Arc<[TagStamp]> {
+    (0..stamps.len())
+        .map(|i| match stamps.next() {
+            Some(Ok((tag, version))) => {
+                let name = previous
+                    .and_then(|p| p.get(i))
+                    .filter(|(name, _)| name.as_bytes() == tag)
+                    .map(|(name, _)| Arc::clone(name));
+                // Checked to be UTF-8 by `decode`.
+                let name =
+                    name.unwrap_or_else(|| Arc::from(std::str::from_utf8(tag).unwrap_or("")));
+                (name, version)
+            }
+            _ => (Arc::from(""), 0), // checked by `decode`: never
+        })
+        .collect()
 }
 
 /// The tag names of stored bytes, read in place (none when the bytes are
@@ -224,10 +203,11 @@ pub(crate) fn tag_names(bytes: &[u8], codec: u8) -> impl Iterator<Item = &str> {
     let left = if ours { r.u16().unwrap_or(0) } else { 0 };
     TagStamps { r, left }
         .map_while(Result::ok)
-        .map(|(tag, _)| tag)
+        .map_while(|(tag, _)| std::str::from_utf8(tag).ok())
 }
 
-/// The `(tag, version)` stamps of an entry's header, read in place.
+/// The `(tag, version)` stamps of an entry's header, read in place; a tag
+/// is its name's bytes, which the caller checks to be UTF-8.
 #[derive(Clone)]
 struct TagStamps<'a> {
     r: Reader<'a>,
@@ -235,7 +215,7 @@ struct TagStamps<'a> {
 }
 
 impl<'a> Iterator for TagStamps<'a> {
-    type Item = Result<(&'a str, u64), BadEntry>;
+    type Item = Result<(&'a [u8], u64), BadEntry>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.left == 0 {
@@ -244,7 +224,7 @@ impl<'a> Iterator for TagStamps<'a> {
         self.left -= 1;
         let mut stamp = || {
             let len = usize::from(self.r.u16()?);
-            let tag = std::str::from_utf8(self.r.take(len)?).map_err(|_| BadEntry::Truncated)?;
+            let tag = self.r.take(len)?;
             Ok((tag, self.r.u64()?))
         };
         let stamp = stamp();
