@@ -12,7 +12,10 @@
 //!   `raw_get_decode_outer_timeout` (the raw read inside a
 //!   `tokio::time::timeout`) and `manager_get_decode_outer_timeout` (the
 //!   same through a `ConnectionManager`, as the tier does it).
-//! - `[paired l2 64 tasks]` lines (printed): the four 64-task variants in
+//! - P6: `cached_redis_get` is the `cached` crate's `AsyncRedisCache` (its
+//!   multiplexed connection, MessagePack values) holding the same products
+//!   under its own keys, read by the same 64 tasks.
+//! - `[paired l2 64 tasks]` lines (printed): the five 64-task variants in
 //!   alternating chunks of 12,800 reads, ratios taken within each round.
 
 mod common;
@@ -20,6 +23,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cached::{AsyncRedisCache, ConcurrentCachedAsync};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tiered_cache::testkit::RedisServer;
 use tiered_cache::{Key, TieredCache};
@@ -58,6 +62,47 @@ async fn manager_get(conn: &mut redis::aio::ConnectionManager, key: &str) -> Opt
         .await
         .expect("manager GET");
     postcard::from_bytes(&bytes?).ok()
+}
+
+/// The `cached` crate's Redis store, as its users build one.
+type CachedStore = Arc<AsyncRedisCache<u64, Product>>;
+
+/// A `cached` Redis store holding product `i` under key `i`, written by
+/// 64 tasks through the store itself (its keys and encoding are its own).
+async fn cached_store(url: &str, n: usize) -> CachedStore {
+    let store: CachedStore = Arc::new(
+        AsyncRedisCache::builder("product")
+            .namespace("cached-crate")
+            .connection_string(url)
+            .build()
+            .await
+            .expect("a cached Redis store"),
+    );
+    let writers: Vec<_> = (0..64usize)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                for i in (t..n).step_by(64) {
+                    let id = i as u64;
+                    store
+                        .async_cache_set(id, common::product(id))
+                        .await
+                        .expect("cached store set");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer task");
+    }
+    store
+}
+
+async fn cached_get(store: &CachedStore, i: usize) -> Option<Product> {
+    store
+        .async_cache_get(&(i as u64))
+        .await
+        .expect("cached store GET")
 }
 
 struct Sides {
@@ -118,6 +163,12 @@ fn l2_hit(c: &mut Criterion) {
     let rt = common::multi_thread(2);
     let s = rt.block_on(sides(&url));
     let manager = rt.block_on(connection_manager(&url));
+    let store = rt.block_on(cached_store(&url, KEYS));
+    assert_eq!(
+        rt.block_on(cached_get(&store, 7)),
+        Some(common::product(7)),
+        "the cached store must hit before anything is timed"
+    );
     let mut g = c.benchmark_group("l2_hit_64_tasks");
     g.throughput(Throughput::Elements(1));
     // 64 tasks share `iters` reads; `$read` reads key number `$i`.
@@ -178,12 +229,17 @@ fn l2_hit(c: &mut Criterion) {
         let key: &Key<Product> = &s.1[i];
         s.0.get(key).await
     });
+    // P6: the same reads through the `cached` crate's Redis store.
+    tasks_bench!("cached_redis_get", store.clone(), |s, i| cached_get(&s, i)
+        .await
+        .expect("cached store hit"));
     g.finish();
     report(&s.cache, "64 tasks");
     let ctx = Arc::new(Ctx {
         conn: s.conn.clone(),
         manager,
         cache: s.cache.clone(),
+        store,
         keys,
         raw_keys,
         stream,
@@ -193,11 +249,14 @@ fn l2_hit(c: &mut Criterion) {
         "raw_get_decode_outer_timeout",
         "manager_get_decode_outer_timeout",
         "tiered_get",
+        "cached_redis_get",
     ];
-    common::paired(
+    // P6 is ours against the `cached` store: tiered_get / cached_redis_get.
+    common::paired_with(
         "l2 64 tasks",
         &names,
         common::paired_rounds(),
+        &[(3, 4)],
         |v, round| rt.block_on(chunk_64(Arc::clone(&ctx), v, round)),
     );
     report(&s.cache, "64 tasks, after paired");
@@ -209,6 +268,7 @@ struct Ctx {
     conn: redis::aio::MultiplexedConnection,
     manager: redis::aio::ConnectionManager,
     cache: TieredCache,
+    store: CachedStore,
     keys: Arc<Vec<Key<Product>>>,
     raw_keys: Arc<Vec<String>>,
     stream: Arc<Vec<u32>>,
@@ -242,7 +302,8 @@ async fn chunk_64(ctx: Arc<Ctx>, v: usize, round: usize) -> Duration {
                                 .flatten()
                                 .is_some()
                         }
-                        _ => ctx.cache.get(&ctx.keys[i]).await.is_some(),
+                        3 => ctx.cache.get(&ctx.keys[i]).await.is_some(),
+                        _ => cached_get(&ctx.store, i).await.is_some(),
                     };
                     assert!(hit, "every read must hit");
                 }
