@@ -5,7 +5,8 @@
 //! envelope under `bench:{key}`. Keys are picked uniformly.
 //! - `l2_hit_1_in_flight`: `raw_get_decode` (multiplexed GET + postcard
 //!   decode) vs `tiered_get` (`l1_max_bytes(0)`), one task on a
-//!   current-thread runtime.
+//!   current-thread runtime; and `tiered_get_no_backplane`, the same with
+//!   `backplane(false)` (the epoch's version is read beside each entry).
 //! - `l2_hit_64_tasks`: the same with 64 tasks on a 2-worker runtime sharing
 //!   one connection each side; time per op = wall time / total ops. Two
 //!   steps between them price the L2 tier's plumbing:
@@ -155,9 +156,33 @@ fn l2_hit(c: &mut Criterion) {
             async move { cache.get(key).await }
         })
     });
+    // The backplane off: this instance cannot vouch for the namespace
+    // epoch, whose version is read beside every entry (one pipeline).
+    let lone = rt.block_on(async {
+        tiered_cache::TieredCache::builder()
+            .namespace(common::NAMESPACE)
+            .redis(&url)
+            .require_l2(true)
+            .backplane(false)
+            .l2_timeout(common::L2_TIMEOUT)
+            .l1_max_bytes(0)
+            .default_ttl(Duration::from_secs(3600))
+            .build()
+            .await
+            .expect("a cache without the backplane")
+    });
+    g.bench_function("tiered_get_no_backplane", |b| {
+        let mut cur = Cursor::new(&stream, 0);
+        let cache = &lone;
+        b.to_async(&rt).iter(|| {
+            let key = &keys[cur.next_index()];
+            async move { cache.get(key).await }
+        })
+    });
     g.finish();
     report(&s.cache, "1 in flight");
-    drop((s, rt));
+    report(&lone, "1 in flight, no backplane");
+    drop((s, lone, rt));
 
     // 64 tasks on a 2-worker runtime.
     let rt = common::multi_thread(2);

@@ -114,6 +114,11 @@ impl TagVersions {
         self.live.store(live, Ordering::SeqCst);
     }
 
+    /// Whether what this table knows is kept current (see [`TagVersions::set_live`]).
+    pub(crate) fn live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
+    }
+
     /// Forgets every version: after missed messages, none can be trusted.
     pub(crate) fn forget_all(&self) {
         self.known
@@ -305,10 +310,13 @@ impl TagFloors {
     }
 }
 
+/// The Redis key body of the namespace epoch's counter.
+pub(crate) const EPOCH_KEY: &str = "#epoch";
+
 /// The Redis key body of a tag's counter.
 pub(crate) fn tag_key(tag: &str) -> String {
     if tag == EPOCH_TAG {
-        return "#epoch".to_owned();
+        return EPOCH_KEY.to_owned();
     }
     let mut body = String::with_capacity(tag.len() + 6);
     body.push_str("#tag:");
@@ -350,7 +358,7 @@ impl TagVersions {
     /// The tags whose versions must be read from Redis before use: the
     /// unknown ones, or all of them while knowledge is not live.
     fn unvouched<'a>(&self, tags: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
-        let live = self.live.load(Ordering::SeqCst);
+        let live = self.live();
         tags.filter(|tag| !live || self.known(tag).is_none())
             .collect()
     }

@@ -17,7 +17,7 @@ use crate::l1::{later, AnyValue, L1Entry, Ticket, L1};
 use crate::l2::{Announcement, Besides, L2Fault, LockToken, Stored, Versioned, Write, L2};
 use crate::options::Resolved;
 use crate::stats::Stats;
-use crate::tags::TagVersions;
+use crate::tags::{TagVersions, EPOCH_KEY, EPOCH_TAG};
 use crate::weigh;
 
 /// See [`Tiers::lookup_l1`].
@@ -445,12 +445,18 @@ impl Tiers {
         };
         // A key of another Redis type reads as absent here: the load's
         // store counts and replaces it.
-        let Ok(found) = l2.get_versioned(key).await else {
+        let beside = self.versions_beside();
+        let Ok((mut found, versions)) = l2.mget_versioned_then_versions(&[key], beside).await
+        else {
             return (None, unclaimed()); // counted and logged by the L2 tier
         };
+        let Some(found) = found.pop() else {
+            return (None, unclaimed());
+        };
+        let read = self.learn_beside(&versions);
         let entry = match found.bytes {
             Some(bytes) => {
-                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket, false)
+                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket, read)
                     .await
             }
             None => None,
@@ -479,22 +485,32 @@ impl Tiers {
     {
         let tickets: Vec<Ticket> = keys.iter().map(|key| self.ticket(key)).collect();
         let started = Instant::now();
-        let found: Vec<Versioned> = match &self.l2 {
-            Some(_) if keys.is_empty() => Vec::new(),
-            Some(l2) if claims => l2.mget_versioned(keys).await.unwrap_or_default(),
-            Some(l2) => l2
-                .mget(keys)
+        let beside = self.versions_beside();
+        let (found, versions): (Vec<Versioned>, Vec<u64>) = match &self.l2 {
+            Some(_) if keys.is_empty() => Default::default(),
+            Some(l2) if claims => l2
+                .mget_versioned_then_versions(keys, beside)
                 .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|bytes| Versioned { bytes, version: 0 })
-                .collect(),
-            None => Vec::new(),
+                .unwrap_or_default(),
+            Some(l2) => {
+                let (found, versions) = l2
+                    .mget_then_versions(keys, beside)
+                    .await
+                    .unwrap_or_default();
+                let found = found
+                    .into_iter()
+                    .map(|bytes| Versioned { bytes, version: 0 })
+                    .collect();
+                (found, versions)
+            }
+            None => Default::default(),
         };
+        let epoch_read = self.learn_beside(&versions) == TagsRead::Epoch;
         // Every entry's tag versions that must be read, in one MGET, not
-        // one per entry (the backplane off, or a gap, or unknown tags).
-        self.read_tags_of(C::ID, found.iter().filter_map(|r| r.bytes.as_deref()))
-            .await;
+        // one per entry (the backplane off, or a gap, or unknown tags);
+        // not the epoch's again when it came with the entries.
+        let names = found.iter().filter_map(|r| r.bytes.as_deref());
+        self.read_tags_of(C::ID, names, epoch_read).await;
         let spent = started.elapsed();
         let now_ms = entry::now_ms();
         let mut out = Vec::with_capacity(keys.len());
@@ -508,7 +524,7 @@ impl Tiers {
             };
             let entry = match read.and_then(|r| r.bytes.as_deref()) {
                 Some(bytes) => {
-                    self.accept_l2::<V, C>(key, bytes, now_ms, tickets[n], true)
+                    self.accept_l2::<V, C>(key, bytes, now_ms, tickets[n], TagsRead::All)
                         .await
                 }
                 None => None,
@@ -519,10 +535,43 @@ impl Tiers {
     }
 
     /// Reads from Redis, in one MGET, the versions of the tags of these
-    /// stored entries that this instance cannot vouch for.
-    async fn read_tags_of<'a>(&self, codec: u8, entries: impl Iterator<Item = &'a [u8]>) {
-        let names = entries.flat_map(|bytes| entry::tag_names(bytes, codec));
+    /// stored entries that this instance cannot vouch for (but the epoch's
+    /// when `epoch_read`: it was just read).
+    async fn read_tags_of<'a>(
+        &self,
+        codec: u8,
+        entries: impl Iterator<Item = &'a [u8]>,
+        epoch_read: bool,
+    ) {
+        let names = entries
+            .flat_map(|bytes| entry::tag_names(bytes, codec))
+            .filter(|&tag| !(epoch_read && tag == EPOCH_TAG));
         self.tags.read(names, self.l2.as_ref()).await;
+    }
+
+    /// The counters a read from Redis reads after its entries in the same
+    /// round trip: the namespace epoch's, which every entry carries, when
+    /// this instance cannot vouch for it (the backplane off or out of
+    /// touch); none otherwise. So an entry without tags of its own costs
+    /// one round trip, not two, with or without the backplane.
+    fn versions_beside(&self) -> &'static [&'static str] {
+        if self.tags.live() {
+            &[]
+        } else {
+            &[EPOCH_KEY]
+        }
+    }
+
+    /// Learns the versions read by [`Tiers::versions_beside`]'s counters,
+    /// and says what was read.
+    fn learn_beside(&self, versions: &[u64]) -> TagsRead {
+        match versions.first() {
+            Some(&epoch) => {
+                self.tags.observe(EPOCH_TAG, epoch);
+                TagsRead::Epoch
+            }
+            None => TagsRead::None,
+        }
     }
 
     /// What a plain read (`get`, `get_many`) makes of `key` in L1: one
@@ -594,12 +643,13 @@ impl Tiers {
             .l1
             .as_ref()
             .map_or_else(Ticket::default, |l1| l1.ticket(key));
-        match l2.get(key).await {
-            Ok(Some(bytes)) => {
-                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket, false)
+        match l2.get_then_versions(key, self.versions_beside()).await {
+            Ok((Some(bytes), versions)) => {
+                let read = self.learn_beside(&versions);
+                self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket, read)
                     .await
             }
-            Ok(None) => None,
+            Ok((None, _)) => None,
             Err(L2Fault::WrongType) => {
                 self.bad_entry(key, "holds another Redis type").await;
                 None
@@ -617,7 +667,7 @@ impl Tiers {
         bytes: &[u8],
         now_ms: u64,
         ticket: Ticket,
-        tags_read: bool,
+        tags_read: TagsRead,
     ) -> Option<Arc<L1Entry>>
     where
         V: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -631,14 +681,16 @@ impl Tiers {
             }
         };
         let keep_for = envelope.meta.remaining(now_ms)?;
-        // `tags_read`: the caller just read the versions this instance
-        // cannot vouch for (one MGET for a whole batch).
-        let current = if tags_read {
-            self.tags.judge(&envelope.meta.tags)
-        } else {
-            self.tags
-                .is_current(&envelope.meta.tags, self.l2.as_ref())
-                .await
+        // What the caller read beside the entry spares a round trip: all
+        // the versions this instance cannot vouch for (a batch), or the
+        // epoch's, which is all an entry without tags of its own needs.
+        let stamps = &envelope.meta.tags;
+        let current = match tags_read {
+            TagsRead::All => self.tags.judge(stamps),
+            TagsRead::Epoch if stamps.iter().all(|(tag, _)| &**tag == EPOCH_TAG) => {
+                self.tags.judge(stamps)
+            }
+            _ => self.tags.is_current(stamps, self.l2.as_ref()).await,
         };
         if !current {
             self.stats.record(Event::TagStaleDrop);
@@ -690,6 +742,17 @@ impl Tiers {
             let _ = Box::pin(l2.del(&[key])).await;
         }
     }
+}
+
+/// What a read from Redis learned of tag versions beside its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TagsRead {
+    /// Nothing: the versions this instance cannot vouch for are read next.
+    None,
+    /// The namespace epoch's, in the same round trip as the entry.
+    Epoch,
+    /// Every version the entries need (a batch reads them in one MGET).
+    All,
 }
 
 /// The entry's value as a `V`: `Some(None)` is a cached negative, `None`

@@ -123,13 +123,79 @@ async fn get_many_reads_the_tag_versions_of_a_batch_in_one_round_trip(backend: &
         .iter()
         .map(|key| support::redis_key("tags-batch", key))
         .collect();
-    // The namespace's epoch and the tags' counters (`tags.rs`, `tag_key`).
-    let counters: Vec<String> = std::iter::once("tags-batch:#epoch".to_owned())
-        .chain((0..50).map(|id| format!("tags-batch:#tag:category%3A{id}")))
+    // The namespace's epoch, read beside the entries, and the tags'
+    // counters (`tags.rs`, `tag_key`).
+    let epoch = ["tags-batch:#epoch".to_owned()];
+    let counters: Vec<String> = (0..50)
+        .map(|id| format!("tags-batch:#tag:category%3A{id}"))
         .collect();
     assert_eq!(
         support::command_calls(backend, "mget"),
-        backend.mgets_for(&entries) + backend.mgets_for(&counters),
-        "one MGET for the entries, one for all their tags"
+        backend.mgets_for(&entries) + backend.mgets_for(&epoch) + backend.mgets_for(&counters),
+        "one MGET for the entries with the epoch's beside it, one for all their tags"
     );
+}
+
+/// With the backplane off, this instance cannot vouch for the namespace
+/// epoch, which every entry carries: a read from Redis reads its version
+/// after the entry in the same pipeline, so an entry without tags of its
+/// own costs one round trip (counted as the request chunks a proxy passes
+/// on), on every read path; one with a tag of its own needs a second for
+/// that tag. And the version read beside is the one used: after another
+/// instance clears the namespace, the entry still in Redis is a miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_backplane_an_untagged_read_is_one_round_trip() {
+    let server = support::server();
+    let proxy = support::SlowProxy::start(&server).await;
+    let writer = builder_on(&server, "one-trip")
+        .build()
+        .await
+        .expect("build");
+    let plain: Vec<Key<u64>> = (0..10).map(item).collect();
+    for (id, key) in (0..10).zip(&plain) {
+        writer.set(key, id, &support::opts()).await.expect("set");
+    }
+    let tagged = item::<u64>(100);
+    writer.set(&tagged, 100, &products()).await.expect("set");
+    let reader = tiered_cache::TieredCache::builder()
+        .namespace("one-trip")
+        .redis(proxy.url())
+        .backplane(false)
+        .l1_max_bytes(0) // every read goes to Redis
+        .build()
+        .await
+        .expect("build");
+    assert_eq!(reader.get(&plain[0]).await, Some(std::sync::Arc::new(0)));
+    let trips = |before: u64| proxy.requests_sent() - before;
+
+    let before = proxy.requests_sent();
+    assert_eq!(reader.get(&plain[1]).await.as_deref(), Some(&1));
+    assert_eq!(trips(before), 1, "get of an untagged entry");
+
+    let before = proxy.requests_sent();
+    let got = reader.get_many(&plain).await;
+    assert!(got.iter().all(Option::is_some), "{:?}", reader.stats());
+    assert_eq!(trips(before), 1, "get_many of untagged entries");
+
+    let before = proxy.requests_sent();
+    let loaded = reader
+        .get_or_load(&plain[2], &support::opts(), || async {
+            Ok::<u64, support::DbError>(999)
+        })
+        .await
+        .expect("get_or_load");
+    assert_eq!(*loaded, 2, "the entry in Redis, not the loader's");
+    assert_eq!(trips(before), 1, "get_or_load of an untagged entry");
+
+    let before = proxy.requests_sent();
+    assert_eq!(reader.get(&tagged).await.as_deref(), Some(&100));
+    assert_eq!(trips(before), 2, "an entry with a tag of its own");
+
+    writer.clear().await.expect("clear");
+    assert_eq!(
+        reader.get(&plain[3]).await,
+        None,
+        "stamped before the clear: stale, by the epoch read beside it"
+    );
+    assert_eq!(reader.stats().l2_errors, 0, "{:?}", reader.stats());
 }

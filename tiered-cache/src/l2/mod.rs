@@ -365,41 +365,86 @@ impl L2 {
         self.run::<String>(&redis::cmd("PING")).await.map(drop)
     }
 
-    /// GET of one entry.
-    pub(crate) async fn get(&self, body: &str) -> Result<Option<Vec<u8>>, L2Fault> {
-        let mut cmd = redis::cmd("GET");
-        self.key_arg(&mut cmd, body, "");
-        self.run(&cmd).await
+    /// GET of one entry, then the versions of the counters `tags` (as
+    /// [`tag_versions`](Self::tag_versions)) after it, in one round trip
+    /// where one Redis serves both (see [`then_versions`](Self::then_versions)).
+    pub(crate) async fn get_then_versions(
+        &self,
+        body: &str,
+        tags: &[&str],
+    ) -> Result<(Option<Vec<u8>>, Vec<u64>), L2Fault> {
+        self.then_versions(self.get_cmd(body), tags).await
     }
 
-    /// MGET of many entries in one round trip. Keys holding another type read
-    /// as `None` (MGET never fails on them).
-    pub(crate) async fn mget(&self, bodies: &[&str]) -> Result<Vec<Option<Vec<u8>>>, L2Fault> {
+    fn get_cmd(&self, body: &str) -> Cmd {
+        let mut cmd = redis::cmd("GET");
+        self.key_arg(&mut cmd, body, "");
+        cmd
+    }
+
+    /// MGET of many entries in one round trip, then the versions of the
+    /// counters `tags`, as [`get_then_versions`](Self::get_then_versions).
+    /// Keys holding another type read as `None` (MGET never fails on them).
+    pub(crate) async fn mget_then_versions(
+        &self,
+        bodies: &[&str],
+        tags: &[&str],
+    ) -> Result<(Vec<Option<Vec<u8>>>, Vec<u64>), L2Fault> {
         if bodies.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut cmd = redis::cmd("MGET");
         for body in bodies {
             self.key_arg(&mut cmd, body, "");
         }
-        let replies: Vec<Option<Vec<u8>>> = self.run(&cmd).await?;
+        let (replies, versions): (Vec<Option<Vec<u8>>>, _) = self.then_versions(cmd, tags).await?;
         if replies.len() != bodies.len() {
             return Err(L2Fault::Malformed);
         }
-        Ok(replies)
+        Ok((replies, versions))
     }
 
     /// The values of counters (tag versions); a missing counter is 0. One MGET.
-    pub(crate) async fn tag_versions(&self, bodies: &[String]) -> Result<Vec<u64>, L2Fault> {
+    pub(crate) async fn tag_versions<S: AsRef<str> + Sync>(
+        &self,
+        bodies: &[S],
+    ) -> Result<Vec<u64>, L2Fault> {
+        let versions: Vec<Option<u64>> = self.run(&self.versions_cmd(bodies)).await?;
+        versions_of(versions, bodies)
+    }
+
+    fn versions_cmd<S: AsRef<str>>(&self, bodies: &[S]) -> Cmd {
         let mut cmd = redis::cmd("MGET");
         for body in bodies {
-            cmd.arg(self.key(body));
+            cmd.arg(self.key(body.as_ref()));
         }
-        let versions: Vec<Option<u64>> = self.run(&cmd).await?;
-        if versions.len() != bodies.len() {
-            return Err(L2Fault::Malformed);
+        cmd
+    }
+
+    /// Runs `first`, then reads the counters `tags` after it (nothing when
+    /// `tags` is empty). On one Redis both go in one pipeline: one round
+    /// trip, run in order. On a cluster the counters live in other slots,
+    /// which one pipeline cannot span, so the MGET is sent once `first` is
+    /// answered. In order either way, and that is what makes the pair
+    /// safe: versions read after an entry that are newer than its stamps
+    /// make it stale, while read before it they could miss a bump that came
+    /// between.
+    async fn then_versions<T: FromRedisValue>(
+        &self,
+        first: Cmd,
+        tags: &[&str],
+    ) -> Result<(T, Vec<u64>), L2Fault> {
+        if tags.is_empty() {
+            return Ok((self.run(&first).await?, Vec::new()));
         }
-        Ok(versions.into_iter().map(|v| v.unwrap_or(0)).collect())
+        if self.endpoint.is_cluster() {
+            let found = self.run(&first).await?;
+            return Ok((found, self.tag_versions(tags).await?));
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(first).add_command(self.versions_cmd(tags));
+        let (found, versions): (T, Vec<Option<u64>>) = self.run_pipe(&pipe).await?;
+        Ok((found, versions_of(versions, tags)?))
     }
 
     /// Bumps a counter (a tag version) past its value and past the server's
@@ -429,27 +474,25 @@ impl L2 {
         k
     }
 
-    /// An entry and the version a write must still find to replace it (0:
-    /// never written), read together: one MGET, one command. A key of
-    /// another Redis type reads as absent (MGET never fails on one); the
-    /// store that follows a load finds it (`scripts/store.lua`).
-    pub(crate) async fn get_versioned(&self, body: &str) -> Result<Versioned, L2Fault> {
-        let mut read = self.mget_versioned(&[body]).await?;
-        read.pop().ok_or(L2Fault::Malformed)
-    }
-
-    /// [`get_versioned`](Self::get_versioned) for many entries: one MGET.
-    /// Keys holding another type read as `None`.
-    pub(crate) async fn mget_versioned(&self, bodies: &[&str]) -> Result<Vec<Versioned>, L2Fault> {
+    /// Entries, each with the version a write must still find to replace
+    /// it (0: never written), read together in one MGET, then the versions
+    /// of the counters `tags`, as [`get_then_versions`](Self::get_then_versions).
+    /// A key of another Redis type reads as absent (MGET never fails on
+    /// one); the store that follows a load finds it (`scripts/store.lua`).
+    pub(crate) async fn mget_versioned_then_versions(
+        &self,
+        bodies: &[&str],
+        tags: &[&str],
+    ) -> Result<(Vec<Versioned>, Vec<u64>), L2Fault> {
         if bodies.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut cmd = redis::cmd("MGET");
         for body in bodies {
             self.key_arg(&mut cmd, body, VERSION_SUFFIX);
             self.key_arg(&mut cmd, body, "");
         }
-        let replies: Vec<Option<Vec<u8>>> = self.run(&cmd).await?;
+        let (replies, versions): (Vec<Option<Vec<u8>>>, _) = self.then_versions(cmd, tags).await?;
         if replies.len() != bodies.len() * 2 {
             return Err(L2Fault::Malformed);
         }
@@ -461,7 +504,7 @@ impl L2 {
                 version: parse_version(version.as_deref()),
             });
         }
-        Ok(out)
+        Ok((out, versions))
     }
 
     /// Writes an entry (`scripts/store.lua`): always, or only if its version
@@ -586,7 +629,7 @@ pub(crate) struct Stored {
     pub(crate) announced: bool,
 }
 
-/// An entry as read with its version; see [`L2::get_versioned`].
+/// An entry as read with its version; see [`L2::mget_versioned_then_versions`].
 #[derive(Debug)]
 pub(crate) struct Versioned {
     pub(crate) bytes: Option<Vec<u8>>,
@@ -609,6 +652,14 @@ fn millis(d: Duration) -> u64 {
 
 /// A version counter's value; anything unreadable counts as never written
 /// (the store script reads it the same way).
+/// The counters' values from an MGET of `bodies`; a missing counter is 0.
+fn versions_of<S>(versions: Vec<Option<u64>>, bodies: &[S]) -> Result<Vec<u64>, L2Fault> {
+    if versions.len() != bodies.len() {
+        return Err(L2Fault::Malformed);
+    }
+    Ok(versions.into_iter().map(|v| v.unwrap_or(0)).collect())
+}
+
 fn parse_version(bytes: Option<&[u8]>) -> u64 {
     bytes
         .and_then(|b| std::str::from_utf8(b).ok())

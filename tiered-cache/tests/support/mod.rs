@@ -458,6 +458,9 @@ pub async fn until_within(limit: Duration, what: &str, cond: impl Fn() -> bool) 
 pub struct SlowProxy {
     port: u16,
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Chunks read from clients and sent on to Redis: a pipeline arrives as
+    /// one, commands that wait for each other's replies as one each.
+    to_redis: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -472,6 +475,8 @@ impl SlowProxy {
         let upstream = format!("127.0.0.1:{}", server.port());
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let delay = Arc::clone(&delay_ms);
+        let to_redis = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sent = Arc::clone(&to_redis);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -479,13 +484,20 @@ impl SlowProxy {
                 };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                tokio::spawn(delayed_copy(client_read, server_write, Arc::clone(&delay)));
-                tokio::spawn(delayed_copy(server_read, client_write, Arc::clone(&delay)));
+                let (delay, sent) = (Arc::clone(&delay), Arc::clone(&sent));
+                tokio::spawn(delayed_copy(
+                    client_read,
+                    server_write,
+                    Arc::clone(&delay),
+                    Some(sent),
+                ));
+                tokio::spawn(delayed_copy(server_read, client_write, delay, None));
             }
         });
         SlowProxy {
             port,
             delay_ms,
+            to_redis,
             task,
         }
     }
@@ -493,6 +505,12 @@ impl SlowProxy {
     /// The URL to give the cache.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// How many chunks of requests clients have sent through so far: the
+    /// round trips they made, when each waited for its reply.
+    pub fn requests_sent(&self) -> u64 {
+        self.to_redis.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// From now on, every chunk read is delivered `delay` later.
@@ -512,11 +530,12 @@ impl Drop for SlowProxy {
 
 /// Copies `from` to `to`, each chunk written `delay` after it was read (a
 /// constant added latency, not a throttle: chunks read meanwhile are not
-/// held up further).
+/// held up further), counting the chunks in `chunks`.
 async fn delayed_copy(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay: Arc<std::sync::atomic::AtomicU64>,
+    chunks: Option<Arc<std::sync::atomic::AtomicU64>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
@@ -534,6 +553,9 @@ async fn delayed_copy(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(chunks) = &chunks {
+            chunks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let wait = Duration::from_millis(delay.load(std::sync::atomic::Ordering::SeqCst));
         if tx
             .send((tokio::time::Instant::now() + wait, buf[..n].to_vec()))
