@@ -134,6 +134,26 @@ where
     })
 }
 
+/// Reads (with `b_read`: B's id for the key, and whether B answered from
+/// its local copy) until B holds `v - 1` locally: the copy that trial
+/// `v`'s write must make it drop. The last write's invalidation may still
+/// be on its way and drop a copy read back once more, hence the retries.
+async fn hold_old<F, Fut>(side: &str, v: u64, mut b_read: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (Option<u64>, bool)>,
+{
+    let mut last = (None, false);
+    for _ in 0..1_000 {
+        last = b_read().await;
+        if last == (Some(v - 1), true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("{side}: B must hold the old value locally before trial {v}, read {last:?}");
+}
+
 /// Ours: A writes, B (holding the key in L1) reads.
 struct Tiered {
     a: TieredCache,
@@ -162,22 +182,7 @@ impl Tiered {
     }
 
     async fn trial(&self, v: u64) -> Option<Trial> {
-        // B holds v - 1 in L1: read until a read is an L1 hit (the
-        // backplane message of the last write may still be on its way and
-        // drop the promoted copy once more).
-        let mut last = (None, false);
-        for _ in 0..1_000 {
-            last = self.b_read().await;
-            if last == (Some(v - 1), true) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(
-            last,
-            (Some(v - 1), true),
-            "tiered: B must hold the old value in L1 before trial {v}"
-        );
+        hold_old("tiered", v, || self.b_read()).await;
         let (b, key) = (self.b.clone(), self.key.clone());
         let poller = async move {
             poll_until(v, || {
@@ -231,28 +236,16 @@ impl Tracking {
     }
 
     /// B's id for the key, and whether B answered it from its cache.
-    async fn b_read(&mut self) -> (Option<u64>, bool) {
+    async fn b_read(&self) -> (Option<u64>, bool) {
         let before = self.stats().hit;
-        let id = common::get_decode(&mut self.b, &self.key)
+        let id = common::get_decode(&mut self.b.clone(), &self.key)
             .await
             .map(|p| p.id);
         (id, self.stats().hit > before)
     }
 
-    async fn trial(&mut self, v: u64) -> Option<Trial> {
-        let mut last = (None, false);
-        for _ in 0..1_000 {
-            last = self.b_read().await;
-            if last == (Some(v - 1), true) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(
-            last,
-            (Some(v - 1), true),
-            "redis tracking: B must hold the old value in its client-side cache before trial {v}"
-        );
+    async fn trial(&self, v: u64) -> Option<Trial> {
+        hold_old("redis tracking", v, || self.b_read()).await;
         let (b, key) = (self.b.clone(), self.key.clone());
         let poller = async move {
             poll_until(v, || {
@@ -332,19 +325,7 @@ impl PubSub {
     }
 
     async fn trial(&self, v: u64) -> Option<Trial> {
-        let mut last = (None, false);
-        for _ in 0..1_000 {
-            last = self.b_read().await;
-            if last == (Some(v - 1), true) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(
-            last,
-            (Some(v - 1), true),
-            "raw pub/sub: B must hold the old value in its map before trial {v}"
-        );
+        hold_old("raw pub/sub", v, || self.b_read()).await;
         let (local, b, key) = (Arc::clone(&self.b_local), self.b.clone(), self.key.clone());
         let poller = async move {
             poll_until(v, || {
@@ -453,7 +434,7 @@ fn main() {
     let rt = common::multi_thread(2);
     rt.block_on(async {
         let tiered = Tiered::new(&url).await;
-        let mut tracking = Tracking::new(&url).await;
+        let tracking = Tracking::new(&url).await;
         let pubsub = PubSub::new(&url).await;
         // Warm-up trials, not recorded: connections, backplane, allocator.
         let mut v = 1;
