@@ -17,7 +17,7 @@ use crate::l1::{later, AnyValue, L1Entry, Ticket, L1};
 use crate::l2::{Announcement, Besides, L2Fault, LockToken, Stored, Versioned, Write, L2};
 use crate::options::Resolved;
 use crate::stats::Stats;
-use crate::tags::{TagVersions, EPOCH_KEY, EPOCH_TAG};
+use crate::tags::{tag_key, TagVersions, EPOCH_KEY, EPOCH_TAG};
 use crate::weigh;
 
 /// See [`Tiers::lookup_l1`].
@@ -296,7 +296,18 @@ impl Tiers {
             size,
             origin,
         } = prepared;
-        let committed = match self.store_l2(key, &bytes, keep, origin, announce).await {
+        // Where L1 will judge the entry's stamps against versions this
+        // instance cannot vouch for (the backplane off), they are read
+        // right after the write, in the same round trip.
+        let tag_keys: Vec<String> = match &self.l1 {
+            Some(_) if !self.tags.live() => meta.tags.iter().map(|(tag, _)| tag_key(tag)).collect(),
+            _ => Vec::new(),
+        };
+        let after: Vec<&str> = tag_keys.iter().map(String::as_str).collect();
+        let (stored, versions) = self
+            .store_l2(key, &bytes, keep, origin, announce, &after)
+            .await;
+        let committed = match stored {
             L2Store::Refused => {
                 self.stats.record(Event::StaleWriteRefused);
                 return Committed::Refused;
@@ -314,7 +325,15 @@ impl Tiers {
         // taken, before the load, makes the entry stale already: L1 must
         // not serve it. (A bump racing this check is caught by the load's
         // ticket, or by the floors on the entry's first hit.)
-        if !self.tags.is_current(&meta.tags, self.l2.as_ref()).await {
+        let current = if versions.len() == meta.tags.len() {
+            for ((tag, _), version) in meta.tags.iter().zip(versions) {
+                self.tags.observe(tag, version);
+            }
+            self.tags.judge(&meta.tags)
+        } else {
+            self.tags.is_current(&meta.tags, self.l2.as_ref()).await
+        };
+        if !current {
             return committed;
         }
         let entry = l1.entry(key, erased, meta, ttl, keep, size);
@@ -363,9 +382,10 @@ impl Tiers {
         keep: Duration,
         origin: Origin,
         announce: Option<&Announcement>,
-    ) -> L2Store {
+        versions_after: &[&str],
+    ) -> (L2Store, Vec<u64>) {
         let Some(l2) = &self.l2 else {
-            return L2Store::Skipped;
+            return (L2Store::Skipped, Vec::new());
         };
         let (write, lock) = match origin {
             Origin::Write => (Write::Always, None),
@@ -376,15 +396,19 @@ impl Tiers {
             }) => (Write::IfVersion(seen), lock),
             // Redis did not answer before the load: what it holds is unknown,
             // so the load's value stays out of it.
-            Origin::Load(Claim { l2: None, .. }) => return L2Store::Skipped,
+            Origin::Load(Claim { l2: None, .. }) => return (L2Store::Skipped, Vec::new()),
         };
         if bytes.len() > self.max_value_bytes {
             self.stats.record(Event::OversizedSkip);
             // The older value in Redis must not outlive this newer one.
             let _ = l2.invalidate(key).await;
-            return L2Store::Skipped;
+            return (L2Store::Skipped, Vec::new());
         }
-        let besides = Besides { lock, announce };
+        let besides = Besides {
+            lock,
+            announce,
+            versions_after,
+        };
         let mut stored = l2
             .store(key, bytes, keep, write, entry::VERSION_AT, besides)
             .await;
@@ -397,10 +421,10 @@ impl Tiers {
                 .await;
         }
         match stored {
-            Ok(Some(stored)) => L2Store::Stored(stored),
-            Ok(None) => L2Store::Refused,
+            Ok((Some(stored), versions)) => (L2Store::Stored(stored), versions),
+            Ok((None, _)) => (L2Store::Refused, Vec::new()),
             // Counted and logged by the L2 tier; L1 still gets the value.
-            Err(_) => L2Store::Skipped,
+            Err(_) => (L2Store::Skipped, Vec::new()),
         }
     }
 

@@ -246,6 +246,35 @@ async fn writes_survive_a_redis_that_forgot_the_scripts() {
     let fresh = cache_on(&server, "cas-noscript").await;
     assert_eq!(fresh.get(&key).await, None, "the invalidation landed");
     assert_eq!(a.stats().l2_errors, 0, "NOSCRIPT is not an error");
+
+    // Without the backplane the store script goes in one pipeline with the
+    // read of its tags' versions: a NOSCRIPT there gets the text too.
+    let lone = builder_on(&server, "cas-noscript")
+        .backplane(false)
+        .build()
+        .await
+        .expect("build");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut c)
+        .expect("SCRIPT FLUSH");
+    let before = eval_calls();
+    lone.set(&key, 4, &opts().tag("t"))
+        .await
+        .expect("a set after the flush");
+    assert_eq!(
+        eval_calls(),
+        (before.0 + 1, before.1 + 1),
+        "by hash, then by text"
+    );
+    assert_eq!(b.get(&key).await.as_deref(), Some(&4), "the write landed");
+    assert_eq!(
+        lone.get(&key).await.as_deref(),
+        Some(&4),
+        "and its copy in L1"
+    );
+    assert_eq!(lone.stats().l1_hits, 1, "{:?}", lone.stats());
+    assert_eq!(lone.stats().l2_errors, 0, "NOSCRIPT is not an error");
 }
 
 /// Any interleaving of loads, sets and invalidations of one key: once a

@@ -191,6 +191,37 @@ async fn without_the_backplane_an_untagged_read_is_one_round_trip() {
     assert_eq!(reader.get(&tagged).await.as_deref(), Some(&100));
     assert_eq!(trips(before), 2, "an entry with a tag of its own");
 
+    // A write whose copy goes into L1: the stamps' versions are read
+    // before it (they go into the envelope) and again right after it, in
+    // the script's round trip, to judge the copy.
+    let lone_writer = tiered_cache::TieredCache::builder()
+        .namespace("one-trip")
+        .redis(proxy.url())
+        .backplane(false)
+        .build()
+        .await
+        .expect("build");
+    lone_writer
+        .set(&plain[4], 40, &support::opts())
+        .await
+        .expect("warm up");
+    for (key, opts) in [(&plain[5], support::opts()), (&tagged, products())] {
+        let before = proxy.requests_sent();
+        lone_writer.set(key, 50, &opts).await.expect("set");
+        assert_eq!(
+            trips(before),
+            2,
+            "a set: the stamps, then the write and its check"
+        );
+        let hits = lone_writer.stats().l1_hits;
+        assert_eq!(lone_writer.get(key).await.as_deref(), Some(&50));
+        assert_eq!(
+            lone_writer.stats().l1_hits,
+            hits + 1,
+            "the copy was judged current"
+        );
+    }
+
     writer.clear().await.expect("clear");
     assert_eq!(
         reader.get(&plain[3]).await,
@@ -198,4 +229,10 @@ async fn without_the_backplane_an_untagged_read_is_one_round_trip() {
         "stamped before the clear: stale, by the epoch read beside it"
     );
     assert_eq!(reader.stats().l2_errors, 0, "{:?}", reader.stats());
+    assert_eq!(
+        lone_writer.stats().l2_errors,
+        0,
+        "{:?}",
+        lone_writer.stats()
+    );
 }

@@ -284,6 +284,48 @@ impl L2 {
         .await
     }
 
+    /// [`run_script`](Self::run_script), then the counters `tags` after it,
+    /// in one round trip where one Redis serves both, as
+    /// [`then_versions`](Self::then_versions) does for a read.
+    async fn run_script_then_versions<T: FromRedisValue>(
+        &self,
+        script: &'static script::Lua,
+        keys: &[String],
+        args: &[&[u8]],
+        tags: &[&str],
+    ) -> Result<(T, Vec<u64>), L2Fault> {
+        if tags.is_empty() || self.endpoint.is_cluster() {
+            let done = self.run_script(script, keys, args).await?;
+            let versions = match tags {
+                [] => Vec::new(),
+                _ => self.tag_versions(tags).await?,
+            };
+            return Ok((done, versions));
+        }
+        let versions = self.versions_cmd(tags);
+        let with_versions = |first: Cmd| {
+            let mut pipe = redis::pipe();
+            pipe.add_command(first).add_command(versions.clone());
+            pipe
+        };
+        let (done, versions): (T, Vec<Option<u64>>) = self
+            .guarded(|mut conn| async move {
+                match with_versions(script.by_hash(keys, args))
+                    .query_async(&mut conn)
+                    .await
+                {
+                    Err(e) if script::unknown(&e) => {
+                        with_versions(script.by_text(keys, args))
+                            .query_async(&mut conn)
+                            .await
+                    }
+                    answer => answer,
+                }
+            })
+            .await?;
+        Ok((done, versions_of(versions, tags)?))
+    }
+
     /// Sends one request (unless the circuit breaker is open), within what
     /// is left of the call's L2 budget; counts and logs the failure, and
     /// tells the breaker.
@@ -525,7 +567,7 @@ impl L2 {
         write: Write,
         version_at: usize,
         besides: Besides<'_>,
-    ) -> Result<Option<Stored>, L2Fault> {
+    ) -> Result<(Option<Stored>, Vec<u64>), L2Fault> {
         let ttl = millis(ttl);
         let keep = ttl.saturating_add(millis(VERSION_KEEP)).to_string();
         let seen = match write {
@@ -554,14 +596,17 @@ impl L2 {
             channel,
             payload,
         ];
-        let (version, announced): (u64, u8) = self.run_script(&script::STORE, &keys, &args).await?;
+        let ((version, announced), versions): ((u64, u8), _) = self
+            .run_script_then_versions(&script::STORE, &keys, &args, besides.versions_after)
+            .await?;
         if announced == 1 {
             self.stats.record(Event::BackplanePublished);
         }
-        Ok((version > 0).then_some(Stored {
+        let stored = (version > 0).then_some(Stored {
             version,
             announced: announced == 1,
-        }))
+        });
+        Ok((stored, versions))
     }
 
     /// Deletes an entry and advances its version (`scripts/invalidate.lua`),
@@ -608,6 +653,9 @@ pub(crate) struct Besides<'a> {
     pub(crate) lock: Option<LockToken>,
     /// Announces the write on the backplane.
     pub(crate) announce: Option<&'a Announcement>,
+    /// Counters (tag versions) to read right after the write, in the same
+    /// round trip where one Redis serves both (see [`L2::then_versions`]).
+    pub(crate) versions_after: &'a [&'a str],
 }
 
 /// A backplane message ready to send: the channel (from [`L2::channel`])
