@@ -667,7 +667,13 @@ impl Tiers {
             .l1
             .as_ref()
             .map_or_else(Ticket::default, |l1| l1.ticket(key));
-        match l2.get_then_versions(key, self.versions_beside()).await {
+        let read = match self.versions_beside() {
+            // The hot path (the backplane on): the GET alone, kept small.
+            [] => l2.get(key).await.map(|found| (found, Vec::new())),
+            // Boxed: it would enlarge every read's future.
+            beside => Box::pin(l2.get_then_versions(key, beside)).await,
+        };
+        match read {
             Ok((Some(bytes), versions)) => {
                 let read = self.learn_beside(&versions);
                 self.accept_l2::<V, C>(key, &bytes, entry::now_ms(), ticket, read)

@@ -407,6 +407,11 @@ impl L2 {
         self.run::<String>(&redis::cmd("PING")).await.map(drop)
     }
 
+    /// GET of one entry.
+    pub(crate) async fn get(&self, body: &str) -> Result<Option<Vec<u8>>, L2Fault> {
+        self.run(&self.get_cmd(body)).await
+    }
+
     /// GET of one entry, then the versions of the counters `tags` (as
     /// [`tag_versions`](Self::tag_versions)) after it, in one round trip
     /// where one Redis serves both (see [`then_versions`](Self::then_versions)).
