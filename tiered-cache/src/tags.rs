@@ -58,6 +58,9 @@ use crate::l2::L2;
 /// The implicit tag of every entry; `clear()` bumps it.
 pub(crate) const EPOCH_TAG: &str = "\0ns";
 
+/// What [`TagVersions`] holds for an epoch version it has not learned.
+const UNKNOWN: u64 = u64::MAX;
+
 /// Most tag versions an instance keeps. Per-entity tags (`user:{id}`)
 /// would grow the table with every distinct tag seen; past this it is
 /// forgotten (with Redis, forgotten versions are read again when needed;
@@ -70,6 +73,10 @@ pub(crate) struct TagVersions {
     /// Looked up on every read from Redis: a fast hasher, seeded per
     /// table (tag names may come from users).
     known: RwLock<HashMap<Arc<str>, u64, foldhash::fast::RandomState>>,
+    /// The namespace epoch's version, [`UNKNOWN`] until learned: every read
+    /// from Redis judges the epoch stamp, so it is kept apart from `known`
+    /// (no lock, no hash) and never let go with it.
+    epoch: AtomicU64,
     /// Without Redis, the highest version forgotten when the table was
     /// let go: an unknown tag counts as at this version, so entries stamped
     /// before read as stale (a few needless misses) and new stamps and
@@ -96,6 +103,7 @@ impl TagVersions {
     pub(crate) fn new(live: bool) -> Self {
         TagVersions {
             known: RwLock::default(),
+            epoch: AtomicU64::new(UNKNOWN),
             forgotten: AtomicU64::new(0),
             local_only: live,
             live: AtomicBool::new(live),
@@ -121,6 +129,7 @@ impl TagVersions {
 
     /// Forgets every version: after missed messages, none can be trusted.
     pub(crate) fn forget_all(&self) {
+        self.epoch.store(UNKNOWN, Ordering::SeqCst);
         self.known
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -129,6 +138,10 @@ impl TagVersions {
 
     /// The known version of `tag`, if any.
     pub(crate) fn known(&self, tag: &str) -> Option<u64> {
+        if tag == EPOCH_TAG {
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            return (epoch != UNKNOWN).then_some(epoch);
+        }
         self.known
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -140,6 +153,19 @@ impl TagVersions {
     pub(crate) fn observe(&self, tag: &str, version: u64) -> bool {
         if self.known(tag).is_some_and(|v| v >= version) {
             return false;
+        }
+        if tag == EPOCH_TAG {
+            let raised = self
+                .epoch
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |was| {
+                    (was == UNKNOWN || was < version).then_some(version)
+                });
+            // News as for any tag: above what was known, or above 0.
+            return match raised {
+                Ok(UNKNOWN) => version > 0,
+                Ok(was) => was < version,
+                Err(_) => false,
+            };
         }
         let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
         if known.len() >= MAX_KNOWN && !known.contains_key(tag) {
@@ -403,6 +429,28 @@ mod tests {
         assert!(t.judge(&[(Arc::from("a"), 2)]));
         assert!(!t.judge(&[(Arc::from("a"), 1)]));
         assert!(t.judge(&[(Arc::from("b"), 0)]));
+    }
+
+    /// The epoch is kept apart from the other tags: learned, raised only,
+    /// forgotten with the rest after missed messages, kept when the table
+    /// of the others is let go.
+    #[test]
+    fn the_epoch_is_known_raised_and_forgotten_like_any_tag() {
+        let t = TagVersions::new(false);
+        assert_eq!(t.known(EPOCH_TAG), None);
+        assert!(!t.observe(EPOCH_TAG, 0), "0 is no news, but now known");
+        assert_eq!(t.known(EPOCH_TAG), Some(0));
+        assert!(t.observe(EPOCH_TAG, 7));
+        assert!(!t.observe(EPOCH_TAG, 5), "never lowered");
+        assert_eq!(t.known(EPOCH_TAG), Some(7));
+        assert!(t.judge(&[(Arc::from(EPOCH_TAG), 7)]));
+        assert!(!t.judge(&[(Arc::from(EPOCH_TAG), 6)]));
+        for i in 0..MAX_KNOWN + 1 {
+            t.observe(&format!("user:{i}"), 1);
+        }
+        assert_eq!(t.known(EPOCH_TAG), Some(7), "not let go with the others");
+        t.forget_all();
+        assert_eq!(t.known(EPOCH_TAG), None);
     }
 
     #[test]
