@@ -171,7 +171,10 @@ impl TieredCacheBuilder {
     /// serving from L1 what another one invalidated. Only with a Redis tier.
     /// Turned off, L1 entries are dropped only by their TTL (set
     /// [`l1_ttl_cap`](Self::l1_ttl_cap)), and every L2 read of an entry also
-    /// reads its tag versions from Redis. Default: true.
+    /// reads its tag versions from Redis: on one Redis the namespace's
+    /// version goes in the same round trip as the entry, and an entry's
+    /// own tags cost a second (on a Cluster, where the versions live in
+    /// other slots, they are read once the entry is in). Default: true.
     pub fn backplane(mut self, enabled: bool) -> Self {
         self.backplane = enabled;
         self
