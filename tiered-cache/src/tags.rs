@@ -398,9 +398,14 @@ impl TagVersions {
         };
         let bodies: Vec<String> = tags.iter().map(|tag| tag_key(tag)).collect();
         if let Ok(versions) = l2.tag_versions(&bodies).await {
-            for (tag, version) in tags.iter().zip(versions) {
-                self.observe(tag, version);
-            }
+            self.learn(tags.iter().copied(), versions);
+        }
+    }
+
+    /// Learns the versions just read from Redis of `tags`, in order.
+    pub(crate) fn learn<'a>(&self, tags: impl Iterator<Item = &'a str>, versions: Vec<u64>) {
+        for (tag, version) in tags.zip(versions) {
+            self.observe(tag, version);
         }
     }
 

@@ -326,9 +326,8 @@ impl Tiers {
         // not serve it. (A bump racing this check is caught by the load's
         // ticket, or by the floors on the entry's first hit.)
         let current = if versions.len() == meta.tags.len() {
-            for ((tag, _), version) in meta.tags.iter().zip(versions) {
-                self.tags.observe(tag, version);
-            }
+            self.tags
+                .learn(meta.tags.iter().map(|(tag, _)| &**tag), versions);
             self.tags.judge(&meta.tags)
         } else {
             self.tags.is_current(&meta.tags, self.l2.as_ref()).await

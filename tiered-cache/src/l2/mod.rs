@@ -703,8 +703,6 @@ fn millis(d: Duration) -> u64 {
     d.as_millis().clamp(1, CENTURY_MS) as u64
 }
 
-/// A version counter's value; anything unreadable counts as never written
-/// (the store script reads it the same way).
 /// The counters' values from an MGET of `bodies`; a missing counter is 0.
 fn versions_of<S>(versions: Vec<Option<u64>>, bodies: &[S]) -> Result<Vec<u64>, L2Fault> {
     if versions.len() != bodies.len() {
@@ -713,6 +711,8 @@ fn versions_of<S>(versions: Vec<Option<u64>>, bodies: &[S]) -> Result<Vec<u64>, 
     Ok(versions.into_iter().map(|v| v.unwrap_or(0)).collect())
 }
 
+/// A version counter's value; anything unreadable counts as never written
+/// (the store script reads it the same way).
 fn parse_version(bytes: Option<&[u8]>) -> u64 {
     bytes
         .and_then(|b| std::str::from_utf8(b).ok())
