@@ -17,6 +17,12 @@
 //!
 //! Without `HIT_PROFILE` (as under `cargo bench`) every variant runs natively
 //! and prints its time per read: a smoke test, not a measurement.
+//!
+//! `HIT_PROFILE=raw_redis_get_64|tiered_l2_get_64` (natively, not under
+//! valgrind) reads with 64 tasks on a 2-worker runtime, as P5 does, and
+//! prints the CPU each read cost this process and the Redis server apart
+//! (`/proc/self/stat` and the server's `INFO cpu`): on two cores shared
+//! with Redis, the sum is what the throughput is made of.
 
 mod common;
 
@@ -56,6 +62,11 @@ fn main() {
         Ok("uniform") => Sampler::Uniform,
         _ => Sampler::Zipf,
     };
+    if let Ok(variant @ ("raw_redis_get_64" | "tiered_l2_get_64")) =
+        std::env::var("HIT_PROFILE").as_deref()
+    {
+        return cpu_at_64_tasks(variant, reads);
+    }
     let runtime = common::current_thread();
     match std::env::var("HIT_PROFILE") {
         Ok(variant) => {
@@ -168,4 +179,80 @@ async fn run(variant: &str, reads: usize, sampler: Sampler) -> Duration {
     let elapsed = started.elapsed();
     assert_eq!(hits, reads, "{variant}: every read must be a hit");
     elapsed
+}
+
+/// This process's CPU time so far (user + system), from `/proc/self/stat`
+/// (in clock ticks of 10 ms).
+fn own_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// The Redis server's CPU time so far (`used_cpu_user` + `used_cpu_sys`).
+fn server_cpu(server: &tiered_cache::testkit::RedisServer) -> Duration {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query(&mut server.connection().expect("a connection"))
+        .expect("INFO cpu");
+    let secs: f64 = info
+        .lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .map(|l| l.split(':').nth(1).unwrap().trim().parse::<f64>().unwrap())
+        .sum();
+    Duration::from_secs_f64(secs)
+}
+
+/// 64 tasks read `reads` keys in all (L1 off); prints CPU per read.
+fn cpu_at_64_tasks(variant: &str, reads: usize) {
+    const TASKS: usize = 64;
+    let server = tiered_cache::testkit::RedisServer::start().expect("redis-server");
+    let rt = common::multi_thread(2);
+    let keys = Arc::new(common::keys(L2_KEYS));
+    rt.block_on(common::populate(&server.url(), &keys));
+    let raw_keys: Arc<Vec<String>> = Arc::new(keys.iter().map(common::raw_key).collect());
+    let conn = rt.block_on(common::raw_connection(&server.url()));
+    let cache = rt.block_on(common::redis_cache(&server.url(), 0));
+    let stream = Arc::new(Sampler::Uniform.stream(L2_KEYS, reads.max(TASKS), 7));
+    let (client0, server0, started) = (own_cpu(), server_cpu(&server), Instant::now());
+    let hits: usize = rt.block_on(async {
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let (mut conn, cache) = (conn.clone(), cache.clone());
+                let (keys, raw_keys, stream) = (keys.clone(), raw_keys.clone(), stream.clone());
+                let raw = variant == "raw_redis_get_64";
+                tokio::spawn(async move {
+                    let mut hits = 0;
+                    for n in (t..stream.len()).step_by(TASKS) {
+                        let i = stream[n] as usize % L2_KEYS;
+                        hits += usize::from(if raw {
+                            common::get_decode(&mut conn, &raw_keys[i]).await.is_some()
+                        } else {
+                            cache.get(&keys[i]).await.is_some()
+                        });
+                    }
+                    hits
+                })
+            })
+            .collect();
+        let mut hits = 0;
+        for task in tasks {
+            hits += task.await.expect("a reader task");
+        }
+        hits
+    });
+    let wall = started.elapsed();
+    let (client, redis) = (own_cpu() - client0, server_cpu(&server) - server0);
+    assert_eq!(hits, stream.len(), "{variant}: every read must be a hit");
+    let per = |d: Duration| d.as_nanos() as f64 / hits as f64 / 1000.0;
+    println!(
+        "[hit_profile 64 tasks] {variant}: wall {:.2} µs/read, CPU {:.2} µs/read here + {:.2} in Redis (l2_reads_batched {})",
+        per(wall),
+        per(client),
+        per(redis),
+        cache.stats().l2_reads_batched
+    );
 }

@@ -345,8 +345,8 @@ async fn chunk_64(ctx: Arc<Ctx>, v: usize, round: usize) -> Duration {
 fn report(cache: &TieredCache, what: &str) {
     let st = cache.stats();
     println!(
-        "[l2_hit {what}] tiered stats: l2_hits={} misses={} l2_errors={} l2_skipped={}",
-        st.l2_hits, st.misses, st.l2_errors, st.l2_skipped
+        "[l2_hit {what}] tiered stats: l2_hits={} misses={} l2_errors={} l2_skipped={} l2_reads_batched={}",
+        st.l2_hits, st.misses, st.l2_errors, st.l2_skipped, st.l2_reads_batched
     );
     if st.misses + st.l2_errors > 0 {
         println!("[l2_hit {what}] WARNING: the tiered side missed or failed; its figures are not L2 hits");

@@ -40,6 +40,8 @@ pub(crate) enum Event {
     L2Error,
     /// `stats.l2_skipped`.
     L2Skipped,
+    /// `stats.l2_reads_batched`.
+    ReadBatched,
     /// `stats.stale_writes_refused`.
     StaleWriteRefused,
     /// `stats.oversized_skips`.

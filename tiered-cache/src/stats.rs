@@ -117,6 +117,10 @@ stats! {
     /// Redis commands not sent: the circuit breaker was open, or the call's
     /// L2 budget was spent.
     l2_skipped,
+    /// Reads from Redis sent in one pipeline with other reads that were
+    /// due at the same moment, on this instance (a batch of n counts n):
+    /// how much of the read traffic shares its requests.
+    l2_reads_batched,
     /// Loaded values not stored because the key was written or invalidated
     /// (here or on another instance) after the load began: the newer write
     /// stays (compare-and-set).
@@ -255,6 +259,7 @@ counters! {
     DecodeFailure => decode_failures,
     L2Error => l2_errors,
     L2Skipped => l2_skipped,
+    ReadBatched => l2_reads_batched,
     StaleWriteRefused => stale_writes_refused,
     OversizedSkip => oversized_skips,
     TagStaleDrop => tag_stale_drops,

@@ -13,11 +13,14 @@ use std::time::Duration;
 
 use redis::{Cmd, FromRedisValue, RedisError};
 
+use batch::Batcher;
+
 use crate::breaker::{Breaker, BreakerSettings, Verdict};
 use crate::error::{Error, ErrorKind};
 use crate::events::Event;
 use crate::stats::Stats;
 
+mod batch;
 pub(crate) mod budget;
 mod conn;
 mod lock;
@@ -155,6 +158,8 @@ pub(crate) struct L2 {
     /// `SPUBLISH`/`SSUBSCRIBE` instead of `PUBLISH`/`SUBSCRIBE` (only ever
     /// set on a cluster).
     sharded_pubsub: bool,
+    /// Where concurrent GETs gather into one pipeline (one Redis only).
+    batcher: Arc<Batcher>,
 }
 
 impl std::fmt::Debug for L2 {
@@ -182,6 +187,7 @@ impl L2 {
             namespace: Arc::from(config.namespace.as_str()),
             timeout: config.timeout,
             failing: Arc::new(AtomicBool::new(false)),
+            batcher: Arc::new(Batcher::new(config.timeout, Arc::clone(&stats))),
             breaker: Arc::new(Breaker::new(config.breaker, stats)),
             rejections: Arc::default(),
         })
@@ -407,9 +413,28 @@ impl L2 {
         self.run::<String>(&redis::cmd("PING")).await.map(drop)
     }
 
-    /// GET of one entry.
+    /// GET of one entry; with other reads due at the same moment, in one
+    /// pipeline with them (on one Redis: `batch.rs`).
     pub(crate) async fn get(&self, body: &str) -> Result<Option<Vec<u8>>, L2Fault> {
-        self.run(&self.get_cmd(body)).await
+        self.run_batched(|| self.get_cmd(body)).await
+    }
+
+    /// [`run`](Self::run), through the [`Batcher`] on one Redis. (On a
+    /// cluster, commands of one pipeline must share a slot: each goes
+    /// alone.)
+    async fn run_batched<T: FromRedisValue>(
+        &self,
+        make: impl FnOnce() -> Cmd,
+    ) -> Result<T, L2Fault> {
+        if self.endpoint.is_cluster() {
+            return self.run(&make()).await;
+        }
+        let batcher = &self.batcher;
+        self.guarded(|conn| async move {
+            let value = batcher.query(conn, make).await?;
+            Ok(redis::from_redis_value(value.extract_error()?)?)
+        })
+        .await
     }
 
     /// GET of one entry, then the versions of the counters `tags` (as
@@ -469,7 +494,8 @@ impl L2 {
     }
 
     /// Runs `first`, then reads the counters `tags` after it (nothing when
-    /// `tags` is empty). On one Redis both go in one pipeline: one round
+    /// `tags` is empty: then `first` may share a pipeline with other reads,
+    /// see [`run_batched`](Self::run_batched)). On one Redis both go in one pipeline: one round
     /// trip, run in order. On a cluster the counters live in other slots,
     /// which one pipeline cannot span, so the MGET is sent once `first` is
     /// answered. In order either way, and that is what makes the pair
@@ -482,7 +508,7 @@ impl L2 {
         tags: &[&str],
     ) -> Result<(T, Vec<u64>), L2Fault> {
         if tags.is_empty() {
-            return Ok((self.run(&first).await?, Vec::new()));
+            return Ok((self.run_batched(move || first).await?, Vec::new()));
         }
         if self.endpoint.is_cluster() {
             let found = self.run(&first).await?;

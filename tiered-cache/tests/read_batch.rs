@@ -1,0 +1,172 @@
+//! Reads due at the same moment share one pipeline to Redis (`l2/batch.rs`):
+//! each still gets its own entry and its own error, a reader cancelled
+//! while its batch gathers does not take the others down, and a read alone
+//! goes alone.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{builder_on, cache_on, conn, key, opts, product, redis_key, server};
+use tiered_cache::TieredCache;
+
+const KEYS: u64 = 200;
+
+/// A cache whose every read goes to Redis (L1 off), on `server`.
+async fn l2_reader(server: &tiered_cache::testkit::RedisServer) -> TieredCache {
+    builder_on(server, "t")
+        .l1_max_bytes(0)
+        .require_l2(true)
+        .build()
+        .await
+        .expect("cache builds against the test Redis")
+}
+
+async fn fill(server: &tiered_cache::testkit::RedisServer) {
+    let writer = cache_on(server, "t").await;
+    for id in 0..KEYS {
+        writer.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+}
+
+/// Reads every key at once, one task each, and returns what each found.
+async fn read_all_at_once(cache: &TieredCache) -> Vec<(u64, Option<u64>)> {
+    let tasks: Vec<_> = (0..KEYS)
+        .map(|id| {
+            let cache = cache.clone();
+            tokio::spawn(async move { (id, cache.get(&key(id)).await.map(|p| p.id)) })
+        })
+        .collect();
+    let mut found = Vec::new();
+    for task in tasks {
+        found.push(task.await.expect("a reader task"));
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_share_requests_and_each_gets_its_own_entry() {
+    let server = server();
+    fill(&server).await;
+    let reader = l2_reader(&server).await;
+
+    for (id, found) in read_all_at_once(&reader).await {
+        assert_eq!(found, Some(id), "key {id} answered with its own entry");
+    }
+    let s = reader.stats();
+    assert_eq!((s.l2_hits, s.misses, s.l2_errors), (KEYS, 0, 0), "{s:?}");
+    assert!(
+        s.l2_reads_batched >= KEYS / 2,
+        "most of {KEYS} reads spawned at once shared a request: {s:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_read_alone_goes_alone() {
+    let server = server();
+    fill(&server).await;
+    let reader = l2_reader(&server).await;
+
+    for id in 0..20 {
+        assert_eq!(reader.get(&key(id)).await.map(|p| p.id), Some(id));
+    }
+    let s = reader.stats();
+    assert_eq!((s.l2_hits, s.l2_reads_batched), (20, 0), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_fails_only_its_own_read_in_a_batch() {
+    let server = server();
+    fill(&server).await;
+    let list_key = redis_key("t", &key(7));
+    let _: () = redis::cmd("DEL")
+        .arg(&list_key)
+        .query(&mut conn(&server))
+        .unwrap();
+    let _: u64 = redis::cmd("RPUSH")
+        .arg(&list_key)
+        .arg("a")
+        .query(&mut conn(&server))
+        .unwrap();
+    let reader = l2_reader(&server).await;
+
+    for (id, found) in read_all_at_once(&reader).await {
+        let expected = (id != 7).then_some(id);
+        assert_eq!(found, expected, "key {id}");
+    }
+    let s = reader.stats();
+    assert_eq!(
+        (s.l2_hits, s.decode_failures, s.l2_errors),
+        (KEYS - 1, 1, 0),
+        "WRONGTYPE answered the list's GET alone, as a bad entry: {s:?}"
+    );
+    assert!(s.l2_reads_batched > 0, "the reads were batched: {s:?}");
+    let kind: String = redis::cmd("TYPE")
+        .arg(&list_key)
+        .query(&mut conn(&server))
+        .unwrap();
+    assert_eq!(kind, "none", "the bad entry was deleted");
+}
+
+/// On a one-thread runtime the order is fixed: A opens a batch and yields,
+/// B joins it, and the test task, which yielded before A, runs first when
+/// the worker is idle and cancels A before A sends. B must still be answered.
+#[tokio::test]
+async fn a_reader_cancelled_while_its_batch_gathers_does_not_take_the_others_down() {
+    let server = server();
+    fill(&server).await;
+    let reader = l2_reader(&server).await;
+
+    let a = tokio::spawn({
+        let reader = reader.clone();
+        async move { reader.get(&key(1)).await }
+    });
+    let b = tokio::spawn({
+        let reader = reader.clone();
+        async move { reader.get(&key(2)).await }
+    });
+    tokio::task::yield_now().await;
+    a.abort();
+    let found = tokio::time::timeout(Duration::from_secs(5), b)
+        .await
+        .expect("B is answered, not left waiting on a cancelled opener")
+        .expect("B's task");
+    assert_eq!(found.map(|p| p.id), Some(2));
+    assert!(a.await.unwrap_err().is_cancelled(), "A was cancelled first");
+    let s = reader.stats();
+    assert_eq!(
+        (s.l2_hits, s.l2_reads_batched, s.l2_errors),
+        (1, 1, 0),
+        "B went in the batch A opened: {s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_on_a_dead_connection_fails_as_misses_and_reads_recover() {
+    let server = server();
+    fill(&server).await;
+    let reader = l2_reader(&server).await;
+    assert!(reader.get(&key(0)).await.is_some(), "connected");
+
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut conn(&server))
+        .unwrap_or(());
+    // Whatever the batch in flight met, no read panics or hangs, and every
+    // answer is the key's own entry or a miss.
+    for (id, found) in read_all_at_once(&reader).await {
+        assert!(found.is_none() || found == Some(id), "key {id}: {found:?}");
+    }
+    let mut answered = 0;
+    for _ in 0..50 {
+        if let Some(p) = reader.get(&key(3)).await {
+            assert_eq!(p.id, 3);
+            answered += 1;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answered, 1, "the cache reconnected: {:?}", reader.stats());
+}
