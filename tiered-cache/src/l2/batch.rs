@@ -1,31 +1,35 @@
 //! Reads that are due together go to Redis together: a GET issued while
 //! other tasks of the instance are about to issue theirs joins them in one
-//! pipeline.
+//! MGET.
 //!
-//! Why: each request costs both sides more than the command in it. On a
+//! Why: each request costs both sides more than the keys in it. On a
 //! multiplexed connection redis-rs queues it to the connection's driver,
 //! keeps it in its in-flight list and answers it through a oneshot and a
-//! wake-up; Redis reads and parses it as a request of its own. With 64
-//! reads in flight on two cores shared with Redis, that CPU is what the
-//! throughput is made of: by `hit_profile`'s `tiered_l2_get_64`, sharing
-//! requests took a read from 3.13 to 2.37 µs of wall time (raw redis-rs
-//! 2.66), this process's CPU per read from 3.5 to 2.7 µs and Redis's from
-//! 1.6 to 1.0 µs.
+//! wake-up; Redis reads, parses and answers it as a command of its own.
+//! With 64 reads in flight on two cores shared with Redis, that CPU is
+//! what the throughput is made of (`hit_profile`'s `tiered_l2_get_64`;
+//! the figures are in benches/README.md).
 //!
 //! How: the first read to find no batch gathering opens one and yields to
 //! the runtime, which resumes it once this worker has nothing else ready to
 //! run (`tokio::task::yield_now` defers its wake-up to then, or to the
-//! worker's next maintenance tick). Reads issued meanwhile join the batch.
-//! If nobody joined, the opener sends its command alone: an idle cache pays
-//! one yield. Otherwise the commands go as one pipeline, sent by a task of
-//! their own so that no caller's cancellation (its timeout, a dropped
-//! request) cancels the others'. Each command keeps its own reply, errors
-//! included: a pipeline of GETs, not an MGET, which would read a key of
-//! another Redis type as absent instead of answering `WRONGTYPE`.
+//! worker's next maintenance tick, at most 61 task polls later: the wait
+//! is bounded by what the worker runs meanwhile, and counts against the
+//! read's L2 budget like any wait on Redis). Reads issued meanwhile add their keys
+//! to the batch's MGET. If nobody joined, the opener sends its own GET (or
+//! MGET) alone: an idle cache pays one yield. Otherwise the MGET is sent by
+//! a task of its own, so that no caller's cancellation (its timeout, a
+//! dropped request) cancels the others', and each read gets its own values
+//! out of the reply.
 //!
-//! Order is kept where it matters: a caller's command is sent only after
-//! everything it awaited before it, as without batching; commands of one
-//! batch run one after another in one pipeline.
+//! One difference from a GET: MGET reads a key of another Redis type as
+//! absent instead of answering `WRONGTYPE`. A batched read of such a key is
+//! a plain miss, as in `get_many`, and the store after a load replaces it
+//! (`scripts/store.lua`); a read alone still meets the error and drops the
+//! key as a bad entry.
+//!
+//! Order is kept where it matters: a caller's read is sent only after
+//! everything it awaited before it, as without batching.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -38,12 +42,68 @@ use super::conn::Conn;
 use crate::events::Event;
 use crate::stats::Stats;
 
-/// The most commands a batch gathers: the read that fills it sends it at
+/// The most keys a batch gathers: the read that fills it sends it at
 /// once, so that a long run of ready tasks keeps a request on the wire
 /// while it gathers the next one. With 64 reads in flight on two cores
 /// (`hit_profile`'s `tiered_l2_get_64`), batches of at most 32 read
 /// 7-10 % faster than unbounded ones, and 16 or fewer slower again.
 const MAX_BATCH: usize = 32;
+
+/// What a read wants back, and how many keys it reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Shape {
+    /// One key's value (a GET's reply).
+    One,
+    /// The values of this many keys, in order (an MGET's reply).
+    Many(usize),
+}
+
+impl Shape {
+    fn keys(self) -> usize {
+        match self {
+            Shape::One => 1,
+            Shape::Many(n) => n,
+        }
+    }
+
+    fn alone(self) -> Cmd {
+        redis::cmd(match self {
+            Shape::One => "GET",
+            Shape::Many(_) => "MGET",
+        })
+    }
+}
+
+/// A read for the [`Batcher`]: what it wants back, and what adds its keys
+/// to a command (once: to the batch's MGET, or to its own GET or MGET).
+/// The caller keeps it and lends it: every L2 read's future holds this
+/// one, and moved into each level of it, it would be laid out at each.
+pub(crate) struct Read<K> {
+    shape: Shape,
+    keys: Option<K>,
+}
+
+impl<K: FnOnce(&mut Cmd)> Read<K> {
+    pub(crate) fn new(shape: Shape, keys: K) -> Self {
+        Read {
+            shape,
+            keys: Some(keys),
+        }
+    }
+
+    /// The command that reads the keys alone: GET or MGET.
+    pub(crate) fn alone(&mut self) -> Cmd {
+        let mut cmd = self.shape.alone();
+        self.add_to(&mut cmd);
+        cmd
+    }
+
+    fn add_to(&mut self, cmd: &mut Cmd) {
+        if let Some(keys) = self.keys.take() {
+            keys(cmd);
+        }
+    }
+}
 
 /// The batch being gathered, if any (see the module's doc).
 pub(crate) struct Batcher {
@@ -54,146 +114,194 @@ pub(crate) struct Batcher {
     stats: Arc<Stats>,
 }
 
-#[derive(Default)]
 struct Gathering {
-    /// The open batch's number; `None`: the next command opens one.
+    /// The open batch's number; `None`: the next read opens one.
     open: Option<u64>,
     /// The number the next batch opened gets.
     next: u64,
-    /// What joined the open batch.
+    /// The open batch: the keys of what joined it, and where each
+    /// read's values go.
+    batch: Batch,
+}
+
+/// Reads gathered into one MGET.
+struct Batch {
+    mget: Cmd,
+    keys: usize,
     joined: Vec<Joined>,
 }
 
-/// A command that joined an open batch, and where its reply goes.
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            mget: redis::cmd("MGET"),
+            keys: 0,
+            joined: Vec::new(),
+        }
+    }
+}
+
+/// A read that joined a batch: what it wants back, and where it goes.
 struct Joined {
-    cmd: Cmd,
+    shape: Shape,
     reply: oneshot::Sender<RedisResult<Value>>,
 }
 
 type Answer = oneshot::Receiver<RedisResult<Value>>;
 
-/// What [`Batcher::join_or_open`] made of a command.
-enum Joining<M> {
+impl Batch {
+    /// Adds a read: its keys (appended by `keys`) and its reply's way back.
+    fn join(&mut self, read: &mut Read<impl FnOnce(&mut Cmd)>) -> Answer {
+        read.add_to(&mut self.mget);
+        self.keys += read.shape.keys();
+        let (reply, answer) = oneshot::channel();
+        self.joined.push(Joined {
+            shape: read.shape,
+            reply,
+        });
+        answer
+    }
+
+    /// Hands each read its values out of the MGET's reply.
+    fn answer(self, reply: RedisResult<Value>) {
+        let values = match reply.and_then(Value::extract_error) {
+            Ok(Value::Array(values)) if values.len() == self.keys => values,
+            Ok(_) => return self.fail(&malformed()),
+            Err(e) => return self.fail(&e),
+        };
+        let mut values = values.into_iter();
+        for Joined { shape, reply } in self.joined {
+            let value = match shape {
+                Shape::One => values.next().unwrap_or(Value::Nil),
+                Shape::Many(n) => Value::Array(values.by_ref().take(n).collect()),
+            };
+            let _ = reply.send(Ok(value));
+        }
+    }
+
+    fn fail(self, e: &RedisError) {
+        for joined in self.joined {
+            let _ = joined.reply.send(Err(e.clone()));
+        }
+    }
+}
+
+/// Where a read stands after [`Batcher::join_or_open`]: small, as it is
+/// kept across an await.
+enum Joining {
     /// It joined the open batch: its reply comes on the receiver.
     Joined(Answer),
-    /// It filled the open batch, which the caller now sends.
-    Filled(Answer, Vec<Joined>),
-    /// It opened batch number `.0`; the command, not built yet, stays with
-    /// its opener.
-    Opened(u64, M),
+    /// It opened batch number `.0`; its keys are not added yet.
+    Opened(u64),
+}
+
+/// Where an opener stands once its batch is closed ([`Open::close`]).
+enum Closed {
+    /// Its batch was sent, its own read in it: the reply comes here.
+    Sent(Answer),
+    /// Nobody joined: it sends this command itself.
+    Alone(Conn, Cmd),
 }
 
 impl Batcher {
     pub(crate) fn new(timeout: Duration, stats: Arc<Stats>) -> Self {
         Batcher {
-            gathering: Mutex::default(),
+            gathering: Mutex::new(Gathering {
+                open: None,
+                next: 0,
+                batch: Batch::default(),
+            }),
             timeout,
             stats,
         }
     }
 
-    /// Sends the command `make` builds on `conn`, alone or in a batch with
-    /// the commands other tasks issue at the same moment, and returns its
-    /// own reply.
+    /// Reads the keys `keys` appends to a command (a GET's one key for
+    /// [`Shape::One`]) on `conn`, alone or in one MGET with the reads other
+    /// tasks issue at the same moment, and returns its own reply: the
+    /// value, or an array of them. A read alone is sent as GET or MGET of
+    /// its own keys.
     ///
-    /// The command is built only where it is sent or joins a batch: every
-    /// L2 read's future holds this one, and a `Cmd` kept across the yield
-    /// would be laid out in it again at each level.
-    pub(crate) async fn query(
+    /// The keys are added only where the read is sent or joins a batch:
+    /// every L2 read's future holds this one, and a `Cmd` kept across the
+    /// yield would be laid out in it again at each level.
+    pub(crate) async fn query<K: FnOnce(&mut Cmd)>(
         &self,
-        mut conn: Conn,
-        make: impl FnOnce() -> Cmd,
+        conn: Conn,
+        read: &mut Read<K>,
     ) -> RedisResult<Value> {
-        let (batch, make) = match self.join_or_open(make) {
+        let number = match self.join_or_open(&conn, read) {
+            Joining::Opened(number) => number,
             Joining::Joined(answer) => return answered(answer).await,
-            Joining::Filled(answer, joined) => {
-                self.send(conn, joined);
-                return answered(answer).await;
-            }
-            Joining::Opened(batch, make) => (batch, make),
         };
         let open = Open {
             batcher: self,
-            batch,
+            number,
             conn: Some(conn),
         };
         tokio::task::yield_now().await;
-        let mut joined;
-        (conn, joined) = open.close();
-        let cmd = make();
-        if joined.is_empty() {
-            return conn.req_packed_command(&cmd).await;
+        match open.close(read) {
+            Closed::Alone(mut conn, alone) => conn.req_packed_command(&alone).await,
+            Closed::Sent(answer) => answered(answer).await,
         }
-        let (reply, answer) = oneshot::channel();
-        joined.push(Joined { cmd, reply });
-        self.send(conn, joined);
-        answered(answer).await
     }
 
-    fn join_or_open<M: FnOnce() -> Cmd>(&self, make: M) -> Joining<M> {
+    /// Joins the open batch (sending it when this read fills it), or
+    /// opens one.
+    fn join_or_open(&self, conn: &Conn, read: &mut Read<impl FnOnce(&mut Cmd)>) -> Joining {
         let mut gathering = self
             .gathering
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let Gathering { open, next, joined } = &mut *gathering;
+        let Gathering { open, next, batch } = &mut *gathering;
         if open.is_none() {
             *open = Some(*next);
             *next += 1;
-            return Joining::Opened(open.unwrap_or_default(), make);
+            return Joining::Opened(open.unwrap_or_default());
         }
-        let (reply, answer) = oneshot::channel();
-        joined.push(Joined { cmd: make(), reply });
-        if joined.len() + 1 < MAX_BATCH {
+        let answer = batch.join(read);
+        if batch.keys < MAX_BATCH {
             return Joining::Joined(answer);
         }
         *open = None;
-        Joining::Filled(answer, std::mem::take(joined))
+        let full = std::mem::take(batch);
+        drop(gathering);
+        self.send(conn.clone(), full);
+        Joining::Joined(answer)
     }
 
-    /// Closes batch number `batch` and returns what joined it (nothing if
-    /// a read that filled it sent it already).
-    fn take(&self, batch: u64) -> Vec<Joined> {
+    /// Closes batch number `number` and returns what joined it: `None`
+    /// if nothing did, or a read that filled it sent it already.
+    fn take(&self, number: u64) -> Option<Batch> {
         let mut gathering = self
             .gathering
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if gathering.open != Some(batch) {
-            return Vec::new();
+        if gathering.open != Some(number) {
+            return None;
         }
         gathering.open = None;
-        std::mem::take(&mut gathering.joined)
+        if gathering.batch.joined.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut gathering.batch))
     }
 
-    /// Sends `joined` as one pipeline from a task of its own and hands each
-    /// command its reply. Without a runtime to run it (one shutting down), the
-    /// callers hear that their command was abandoned.
-    fn send(&self, mut conn: Conn, joined: Vec<Joined>) {
+    /// Sends `batch` as one MGET from a task of its own and hands each
+    /// read its values. Without a runtime to run it (one shutting down),
+    /// the readers hear that their read was abandoned.
+    fn send(&self, mut conn: Conn, batch: Batch) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         self.stats
-            .record_many(Event::ReadBatched, joined.len() as u64);
+            .record_many(Event::ReadBatched, batch.joined.len() as u64);
         let timeout = self.timeout;
         runtime.spawn(async move {
-            let mut pipe = redis::pipe();
-            let mut replies = Vec::with_capacity(joined.len());
-            for Joined { cmd, reply } in joined {
-                pipe.add_command(cmd);
-                replies.push(reply);
-            }
-            let count = replies.len();
-            let answers = tokio::time::timeout(timeout, conn.req_packed_commands(&pipe, 0, count))
+            let reply = tokio::time::timeout(timeout, conn.req_packed_command(&batch.mget))
                 .await
                 .unwrap_or_else(|_| Err(RedisError::from((ErrorKind::Io, "no answer in time"))));
-            match answers {
-                Ok(values) if values.len() == count => {
-                    for (reply, value) in replies.into_iter().zip(values) {
-                        let _ = reply.send(Ok(value));
-                    }
-                }
-                Ok(_) => answer_all(replies, &malformed()),
-                Err(e) => answer_all(replies, &e),
-            }
+            batch.answer(reply);
         });
     }
 }
@@ -206,34 +314,34 @@ async fn answered(answer: Answer) -> RedisResult<Value> {
 /// (the opener was cancelled while it yielded), it still sends what joined.
 struct Open<'a> {
     batcher: &'a Batcher,
-    batch: u64,
+    number: u64,
     conn: Option<Conn>,
 }
 
 impl Open<'_> {
-    fn close(mut self) -> (Conn, Vec<Joined>) {
+    /// Closes the batch: the opener's read joins what gathered and the
+    /// batch is sent, or, if nothing did, the read goes alone.
+    fn close(mut self, read: &mut Read<impl FnOnce(&mut Cmd)>) -> Closed {
         let conn = self
             .conn
             .take()
             .expect("an open batch holds its connection");
-        (conn, self.batcher.take(self.batch))
+        let Some(mut batch) = self.batcher.take(self.number) else {
+            return Closed::Alone(conn, read.alone());
+        };
+        let answer = batch.join(read);
+        self.batcher.send(conn, batch);
+        Closed::Sent(answer)
     }
 }
 
 impl Drop for Open<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            let joined = self.batcher.take(self.batch);
-            if !joined.is_empty() {
-                self.batcher.send(conn, joined);
+            if let Some(batch) = self.batcher.take(self.number) {
+                self.batcher.send(conn, batch);
             }
         }
-    }
-}
-
-fn answer_all(replies: Vec<oneshot::Sender<RedisResult<Value>>>, e: &RedisError) {
-    for reply in replies {
-        let _ = reply.send(Err(e.clone()));
     }
 }
 
@@ -247,6 +355,6 @@ fn abandoned() -> RedisError {
 fn malformed() -> RedisError {
     RedisError::from((
         ErrorKind::Parse,
-        "a pipeline answered with the wrong number of replies",
+        "an MGET answered with the wrong number of values",
     ))
 }

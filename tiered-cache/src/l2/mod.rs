@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use redis::{Cmd, FromRedisValue, RedisError};
 
-use batch::Batcher;
+use batch::{Batcher, Read, Shape};
 
 use crate::breaker::{Breaker, BreakerSettings, Verdict};
 use crate::error::{Error, ErrorKind};
@@ -414,24 +414,27 @@ impl L2 {
     }
 
     /// GET of one entry; with other reads due at the same moment, in one
-    /// pipeline with them (on one Redis: `batch.rs`).
+    /// MGET with them (on one Redis: `batch.rs`).
     pub(crate) async fn get(&self, body: &str) -> Result<Option<Vec<u8>>, L2Fault> {
-        self.run_batched(|| self.get_cmd(body)).await
+        self.read(Shape::One, |cmd| self.key_arg(cmd, body, ""))
+            .await
     }
 
-    /// [`run`](Self::run), through the [`Batcher`] on one Redis. (On a
-    /// cluster, commands of one pipeline must share a slot: each goes
-    /// alone.)
-    async fn run_batched<T: FromRedisValue>(
+    /// Reads the keys `keys` appends to a GET or MGET (as `shape` says),
+    /// through the [`Batcher`] on one Redis. (On a cluster the keys of one
+    /// MGET must share a slot: each read goes alone.)
+    async fn read<T: FromRedisValue>(
         &self,
-        make: impl FnOnce() -> Cmd,
+        shape: Shape,
+        keys: impl FnOnce(&mut Cmd),
     ) -> Result<T, L2Fault> {
+        let mut read = Read::new(shape, keys);
         if self.endpoint.is_cluster() {
-            return self.run(&make()).await;
+            return self.run(&read.alone()).await;
         }
-        let batcher = &self.batcher;
+        let (batcher, read) = (&self.batcher, &mut read);
         self.guarded(|conn| async move {
-            let value = batcher.query(conn, make).await?;
+            let value = batcher.query(conn, read).await?;
             Ok(redis::from_redis_value(value.extract_error()?)?)
         })
         .await
@@ -445,13 +448,8 @@ impl L2 {
         body: &str,
         tags: &[&str],
     ) -> Result<(Option<Vec<u8>>, Vec<u64>), L2Fault> {
-        self.then_versions(self.get_cmd(body), tags).await
-    }
-
-    fn get_cmd(&self, body: &str) -> Cmd {
-        let mut cmd = redis::cmd("GET");
-        self.key_arg(&mut cmd, body, "");
-        cmd
+        self.then_versions(Shape::One, |cmd| self.key_arg(cmd, body, ""), tags)
+            .await
     }
 
     /// MGET of many entries in one round trip, then the versions of the
@@ -465,11 +463,14 @@ impl L2 {
         if bodies.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let mut cmd = redis::cmd("MGET");
-        for body in bodies {
-            self.key_arg(&mut cmd, body, "");
-        }
-        let (replies, versions): (Vec<Option<Vec<u8>>>, _) = self.then_versions(cmd, tags).await?;
+        let keys = |cmd: &mut Cmd| {
+            for body in bodies {
+                self.key_arg(cmd, body, "");
+            }
+        };
+        let (replies, versions): (Vec<Option<Vec<u8>>>, _) = self
+            .then_versions(Shape::Many(bodies.len()), keys, tags)
+            .await?;
         if replies.len() != bodies.len() {
             return Err(L2Fault::Malformed);
         }
@@ -493,23 +494,25 @@ impl L2 {
         cmd
     }
 
-    /// Runs `first`, then reads the counters `tags` after it (nothing when
-    /// `tags` is empty: then `first` may share a pipeline with other reads,
-    /// see [`run_batched`](Self::run_batched)). On one Redis both go in one pipeline: one round
-    /// trip, run in order. On a cluster the counters live in other slots,
-    /// which one pipeline cannot span, so the MGET is sent once `first` is
-    /// answered. In order either way, and that is what makes the pair
-    /// safe: versions read after an entry that are newer than its stamps
-    /// make it stale, while read before it they could miss a bump that came
-    /// between.
+    /// Reads the keys `keys` appends to a GET or MGET (as `shape` says),
+    /// then the counters `tags` after them. Without `tags` the read may
+    /// share an MGET with other reads ([`read`](Self::read)). With them, on
+    /// one Redis both go in one pipeline: one round trip, run in order. On
+    /// a cluster the counters live in other slots, which one pipeline
+    /// cannot span, so their MGET is sent once the read is answered. In
+    /// order either way, and that is what makes the pair safe: versions
+    /// read after an entry that are newer than its stamps make it stale,
+    /// while read before it they could miss a bump that came between.
     async fn then_versions<T: FromRedisValue>(
         &self,
-        first: Cmd,
+        shape: Shape,
+        keys: impl FnOnce(&mut Cmd),
         tags: &[&str],
     ) -> Result<(T, Vec<u64>), L2Fault> {
         if tags.is_empty() {
-            return Ok((self.run_batched(move || first).await?, Vec::new()));
+            return Ok((self.read(shape, keys).await?, Vec::new()));
         }
+        let first = Read::new(shape, keys).alone();
         if self.endpoint.is_cluster() {
             let found = self.run(&first).await?;
             return Ok((found, self.tag_versions(tags).await?));
@@ -560,12 +563,15 @@ impl L2 {
         if bodies.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let mut cmd = redis::cmd("MGET");
-        for body in bodies {
-            self.key_arg(&mut cmd, body, VERSION_SUFFIX);
-            self.key_arg(&mut cmd, body, "");
-        }
-        let (replies, versions): (Vec<Option<Vec<u8>>>, _) = self.then_versions(cmd, tags).await?;
+        let keys = |cmd: &mut Cmd| {
+            for body in bodies {
+                self.key_arg(cmd, body, VERSION_SUFFIX);
+                self.key_arg(cmd, body, "");
+            }
+        };
+        let (replies, versions): (Vec<Option<Vec<u8>>>, _) = self
+            .then_versions(Shape::Many(bodies.len() * 2), keys, tags)
+            .await?;
         if replies.len() != bodies.len() * 2 {
             return Err(L2Fault::Malformed);
         }
