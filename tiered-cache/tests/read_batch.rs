@@ -1,7 +1,7 @@
 //! Reads due at the same moment share one pipeline to Redis (`l2/batch.rs`):
-//! each still gets its own entry and its own error, a reader cancelled
-//! while its batch gathers does not take the others down, and a read alone
-//! goes alone.
+//! each still gets its own entry, a key of another type stays one read's
+//! miss, a reader cancelled while its batch gathers does not take the
+//! others down, and a read with no other in flight goes alone.
 
 mod support;
 
@@ -118,36 +118,35 @@ async fn a_key_of_another_type_in_a_batch_is_a_miss_and_a_load_replaces_it() {
     assert_eq!(reader.get(&key(7)).await.map(|p| p.id), Some(7));
 }
 
-/// On a one-thread runtime the order is fixed: A opens a batch and yields,
-/// B joins it, and the test task, which yielded before A, runs first when
-/// the worker is idle and cancels A before A sends. B must still be answered.
+/// On a one-thread runtime the order is fixed: X is sent at once (no other
+/// read in flight), A opens a batch beside it and yields, B joins A's batch,
+/// and the test task, which yielded before A, runs first when the worker is
+/// idle and cancels A before A sends. B must still be answered.
 #[tokio::test]
 async fn a_reader_cancelled_while_its_batch_gathers_does_not_take_the_others_down() {
     let server = server();
     fill(&server).await;
     let reader = l2_reader(&server).await;
+    let read = |id| {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.get(&key(id)).await.map(|p| p.id) })
+    };
 
-    let a = tokio::spawn({
-        let reader = reader.clone();
-        async move { reader.get(&key(1)).await }
-    });
-    let b = tokio::spawn({
-        let reader = reader.clone();
-        async move { reader.get(&key(2)).await }
-    });
+    let (x, a, b) = (read(0), read(1), read(2));
     tokio::task::yield_now().await;
     a.abort();
     let found = tokio::time::timeout(Duration::from_secs(5), b)
         .await
         .expect("B is answered, not left waiting on a cancelled opener")
         .expect("B's task");
-    assert_eq!(found.map(|p| p.id), Some(2));
+    assert_eq!(found, Some(2));
     assert!(a.await.unwrap_err().is_cancelled(), "A was cancelled first");
+    assert_eq!(x.await.expect("X's task"), Some(0));
     let s = reader.stats();
     assert_eq!(
         (s.l2_hits, s.l2_reads_batched, s.l2_errors),
-        (1, 1, 0),
-        "B went in the batch A opened: {s:?}"
+        (2, 1, 0),
+        "X went alone, B in the batch A opened: {s:?}"
     );
 }
 

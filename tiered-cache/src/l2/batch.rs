@@ -10,7 +10,8 @@
 //! what the throughput is made of (`hit_profile`'s `tiered_l2_get_64`;
 //! the figures are in benches/README.md).
 //!
-//! How: the first read to find no batch gathering opens one and yields to
+//! How: a read that finds no other in flight is sent at once, as without
+//! batching. Otherwise the first read to find no batch gathering opens one and yields to
 //! the runtime, which resumes it once this worker has nothing else ready to
 //! run (`tokio::task::yield_now` defers its wake-up to then, or to the
 //! worker's next maintenance tick, at most 61 task polls later: the wait
@@ -31,6 +32,7 @@
 //! Order is kept where it matters: a caller's read is sent only after
 //! everything it awaited before it, as without batching.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -108,6 +110,8 @@ impl<K: FnOnce(&mut Cmd)> Read<K> {
 /// The batch being gathered, if any (see the module's doc).
 pub(crate) struct Batcher {
     gathering: Mutex<Gathering>,
+    /// Reads between the start of [`Batcher::query`] and their reply.
+    in_flight: AtomicUsize,
     /// How long a batch's request may take before it is given up (its
     /// callers' own timers end sooner); then it only frees what it holds.
     timeout: Duration,
@@ -211,25 +215,26 @@ impl Batcher {
                 next: 0,
                 batch: Batch::default(),
             }),
+            in_flight: AtomicUsize::new(0),
             timeout,
             stats,
         }
     }
 
-    /// Reads the keys `keys` appends to a command (a GET's one key for
-    /// [`Shape::One`]) on `conn`, alone or in one MGET with the reads other
+    /// Sends `read` on `conn`, alone or in one MGET with the reads other
     /// tasks issue at the same moment, and returns its own reply: the
     /// value, or an array of them. A read alone is sent as GET or MGET of
-    /// its own keys.
-    ///
-    /// The keys are added only where the read is sent or joins a batch:
-    /// every L2 read's future holds this one, and a `Cmd` kept across the
-    /// yield would be laid out in it again at each level.
+    /// its own keys, and a read while no other one is in flight goes at
+    /// once: a batch is worth its yield only where reads overlap.
     pub(crate) async fn query<K: FnOnce(&mut Cmd)>(
         &self,
-        conn: Conn,
+        mut conn: Conn,
         read: &mut Read<K>,
     ) -> RedisResult<Value> {
+        let in_flight = InFlight::enter(&self.in_flight);
+        if in_flight.alone() {
+            return conn.req_packed_command(&read.alone()).await;
+        }
         let number = match self.join_or_open(&conn, read) {
             Joining::Opened(number) => number,
             Joining::Joined(answer) => return answered(answer).await,
@@ -342,6 +347,30 @@ impl Drop for Open<'_> {
                 self.batcher.send(conn, batch);
             }
         }
+    }
+}
+
+/// A read counted in [`Batcher::in_flight`] until it is answered or dropped.
+struct InFlight<'a> {
+    count: &'a AtomicUsize,
+    before: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        InFlight { count, before }
+    }
+
+    /// Whether no other read was in flight when this one began.
+    fn alone(&self) -> bool {
+        self.before == 0
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
