@@ -179,3 +179,88 @@ async fn a_batch_on_a_dead_connection_fails_as_misses_and_reads_recover() {
     }
     assert_eq!(answered, 1, "the cache reconnected: {:?}", reader.stats());
 }
+
+/// Redis refusing the batch's MGET (an ACL without it: NOPERM) is about
+/// that command: the reads in the batch are counted misses, nothing opens
+/// the breaker or skips Redis, and reads one at a time go on as GETs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_is_misses_not_an_outage() {
+    let server = tiered_cache::testkit::RedisServer::start_with(&[
+        "--user", "app", "on", ">pw", "~*", "&*", "+@all", "-mget",
+    ])
+    .expect("redis-server");
+    let url = format!("redis://app:pw@127.0.0.1:{}", server.port());
+    let writer = TieredCache::builder()
+        .namespace("t")
+        .redis(url.as_str())
+        .build()
+        .await
+        .expect("build");
+    for id in 0..KEYS {
+        writer.set(&key(id), product(id), &opts()).await.unwrap();
+    }
+    let reader = TieredCache::builder()
+        .namespace("t")
+        .redis(url.as_str())
+        .l1_max_bytes(0)
+        .build()
+        .await
+        .expect("build");
+
+    for (id, found) in read_all_at_once(&reader).await {
+        assert!(found.is_none() || found == Some(id), "key {id}: {found:?}");
+    }
+    let s = reader.stats();
+    assert!(s.l2_reads_batched > 0, "reads were batched: {s:?}");
+    assert!(s.l2_errors > 0, "the refused MGETs are counted: {s:?}");
+    assert_eq!(s.l2_hits + s.misses, KEYS, "every read answered: {s:?}");
+    assert_eq!((s.breaker_opened, s.l2_skipped), (0, 0), "{s:?}");
+    for id in 0..10 {
+        assert_eq!(reader.get(&key(id)).await.map(|p| p.id), Some(id));
+    }
+}
+
+/// Redis frozen (SIGSTOP) with batches in flight: every read ends within
+/// its L2 budget as a miss, none waits on a batch's unanswered request,
+/// and once Redis answers again reads hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_a_frozen_redis_end_within_the_budget() {
+    let server = server();
+    fill(&server).await;
+    let budget = Duration::from_millis(200);
+    let reader = builder_on(&server, "t")
+        .l1_max_bytes(0)
+        .l2_timeout(budget)
+        .require_l2(true)
+        .build()
+        .await
+        .expect("cache builds against the test Redis");
+    assert!(reader.get(&key(0)).await.is_some(), "connected");
+
+    server.pause().expect("SIGSTOP");
+    let started = std::time::Instant::now();
+    let found = read_all_at_once(&reader).await;
+    let took = started.elapsed();
+    server.resume().expect("SIGCONT");
+    assert!(
+        found.iter().all(|(_, f)| f.is_none()),
+        "no answer from a frozen Redis"
+    );
+    assert!(
+        took < budget + Duration::from_secs(1),
+        "{KEYS} reads at once ended with their budget, not with Redis: {took:?}"
+    );
+    let mut hit = false;
+    for _ in 0..50 {
+        if reader.get(&key(3)).await.map(|p| p.id) == Some(3) {
+            hit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        hit,
+        "reads hit again after Redis resumed: {:?}",
+        reader.stats()
+    );
+}
