@@ -239,7 +239,9 @@ async fn batches_on_a_frozen_redis_end_within_the_budget() {
 
     server.pause().expect("SIGSTOP");
     let started = std::time::Instant::now();
-    let found = read_all_at_once(&reader).await;
+    let found = tokio::time::timeout(Duration::from_secs(10), read_all_at_once(&reader))
+        .await
+        .expect("reads end without Redis answering");
     let took = started.elapsed();
     server.resume().expect("SIGCONT");
     assert!(

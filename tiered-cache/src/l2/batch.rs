@@ -21,7 +21,11 @@
 //! MGET) alone: an idle cache pays one yield. Otherwise the MGET is sent by
 //! a task of its own, so that no caller's cancellation (its timeout, a
 //! dropped request) cancels the others', and each read gets its own values
-//! out of the reply.
+//! out of the reply. That task also keeps its readers' deadlines (each
+//! read's share of its call's L2 budget) with one timer, set for the
+//! earliest one still waiting, and tells a reader whose deadline passes
+//! that no answer came: a timer per read would register and clear one
+//! entry each in tokio's timer wheel.
 //!
 //! One difference from a GET: MGET reads a key of another Redis type as
 //! absent instead of answering `WRONGTYPE`. A batched read of such a key is
@@ -34,7 +38,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, RedisError, RedisResult, Value};
@@ -112,9 +116,6 @@ pub(crate) struct Batcher {
     gathering: Mutex<Gathering>,
     /// Reads between the start of [`Batcher::query`] and their reply.
     in_flight: AtomicUsize,
-    /// How long a batch's request may take before it is given up (its
-    /// callers' own timers end sooner); then it only frees what it holds.
-    timeout: Duration,
     stats: Arc<Stats>,
 }
 
@@ -145,48 +146,95 @@ impl Default for Batch {
     }
 }
 
-/// A read that joined a batch: what it wants back, and where it goes.
+/// A read that joined a batch: what it wants back, by when, and where
+/// it goes (`None` once it was told it is too late).
 struct Joined {
     shape: Shape,
-    reply: oneshot::Sender<RedisResult<Value>>,
+    deadline: Instant,
+    reply: Option<oneshot::Sender<Reply>>,
 }
 
-type Answer = oneshot::Receiver<RedisResult<Value>>;
+/// What a read hears: the answer, or `None` when none came by its deadline.
+type Reply = Option<RedisResult<Value>>;
+
+type Answer = oneshot::Receiver<Reply>;
 
 impl Batch {
-    /// Adds a read: its keys (appended by `keys`) and its reply's way back.
-    fn join(&mut self, read: &mut Read<impl FnOnce(&mut Cmd)>) -> Answer {
+    /// Adds a read that waits until `deadline`: its keys and its reply's
+    /// way back.
+    fn join(&mut self, read: &mut Read<impl FnOnce(&mut Cmd)>, deadline: Instant) -> Answer {
         read.add_to(&mut self.mget);
         self.keys += read.shape.keys();
         let (reply, answer) = oneshot::channel();
         self.joined.push(Joined {
             shape: read.shape,
-            reply,
+            deadline,
+            reply: Some(reply),
         });
         answer
     }
+}
 
-    /// Hands each read its values out of the MGET's reply.
-    fn answer(self, reply: RedisResult<Value>) {
-        let values = match reply.and_then(Value::extract_error) {
-            Ok(Value::Array(values)) if values.len() == self.keys => values,
-            Ok(_) => return self.fail(&malformed()),
-            Err(e) => return self.fail(&e),
-        };
-        let mut values = values.into_iter();
-        for Joined { shape, reply } in self.joined {
-            let value = match shape {
-                Shape::One => values.next().unwrap_or(Value::Nil),
-                Shape::Many(n) => Value::Array(values.by_ref().take(n).collect()),
-            };
-            let _ = reply.send(Ok(value));
-        }
+impl Joined {
+    fn waiting(&self) -> bool {
+        self.reply.as_ref().is_some_and(|reply| !reply.is_closed())
     }
 
-    fn fail(self, e: &RedisError) {
-        for joined in self.joined {
-            let _ = joined.reply.send(Err(e.clone()));
+    fn tell(&mut self, reply: Reply) {
+        if let Some(sender) = self.reply.take() {
+            let _ = sender.send(reply);
         }
+    }
+}
+
+/// Sends a batch's MGET and answers its readers: each with its values,
+/// or, when its deadline passes first, with `None`. One timer serves the
+/// whole batch (set for the earliest deadline still waiting), where a
+/// timer per read would register and clear as many in tokio's wheel.
+async fn send_and_answer(mut conn: Conn, batch: Batch) {
+    let Batch {
+        mget,
+        keys,
+        mut joined,
+    } = batch;
+    let mut request = conn.req_packed_command(&mget);
+    let reply = loop {
+        let Some(next) = joined
+            .iter()
+            .filter(|j| j.waiting())
+            .map(|j| j.deadline)
+            .min()
+        else {
+            return; // every reader gave up or was cancelled
+        };
+        tokio::select! {
+            reply = &mut request => break reply,
+            () = tokio::time::sleep_until(next.into()) => {
+                let now = Instant::now();
+                for late in joined.iter_mut().filter(|j| j.deadline <= now) {
+                    late.tell(None);
+                }
+            }
+        }
+    };
+    let values = match reply.and_then(Value::extract_error) {
+        Ok(Value::Array(values)) if values.len() == keys => values,
+        Ok(_) => return fail(&mut joined, &malformed()),
+        Err(e) => return fail(&mut joined, &e),
+    };
+    let mut values = values.into_iter();
+    for j in &mut joined {
+        let value = match j.shape {
+            Shape::One => values.next().unwrap_or(Value::Nil),
+            Shape::Many(n) => Value::Array(values.by_ref().take(n).collect()),
+        };
+        j.tell(Some(Ok(value)));
+    }
+}
+
+fn fail(joined: &mut [Joined], e: &RedisError) {
+    for j in joined {
+        j.tell(Some(Err(e.clone())));
     }
 }
 
@@ -208,7 +256,7 @@ enum Closed {
 }
 
 impl Batcher {
-    pub(crate) fn new(timeout: Duration, stats: Arc<Stats>) -> Self {
+    pub(crate) fn new(stats: Arc<Stats>) -> Self {
         Batcher {
             gathering: Mutex::new(Gathering {
                 open: None,
@@ -216,26 +264,30 @@ impl Batcher {
                 batch: Batch::default(),
             }),
             in_flight: AtomicUsize::new(0),
-            timeout,
             stats,
         }
     }
 
     /// Sends `read` on `conn`, alone or in one MGET with the reads other
-    /// tasks issue at the same moment, and returns its own reply: the
-    /// value, or an array of them. A read alone is sent as GET or MGET of
-    /// its own keys, and a read while no other one is in flight goes at
-    /// once: a batch is worth its yield only where reads overlap.
+    /// tasks issue at the same moment, and returns its own reply (the
+    /// value, or an array of them), or `None` if none came within `wait`.
+    /// A read alone is sent as GET or MGET of its own keys, and a read
+    /// while no other one is in flight goes at once: a batch is worth its
+    /// yield only where reads overlap.
     pub(crate) async fn query<K: FnOnce(&mut Cmd)>(
         &self,
         mut conn: Conn,
         read: &mut Read<K>,
-    ) -> RedisResult<Value> {
+        wait: Duration,
+    ) -> Reply {
+        let deadline = deadline_after(wait);
         let in_flight = InFlight::enter(&self.in_flight);
         if in_flight.alone() {
-            return conn.req_packed_command(&read.alone()).await;
+            let alone = read.alone();
+            let request = conn.req_packed_command(&alone);
+            return tokio::time::timeout_at(deadline.into(), request).await.ok();
         }
-        let number = match self.join_or_open(&conn, read) {
+        let number = match self.join_or_open(&conn, read, deadline) {
             Joining::Opened(number) => number,
             Joining::Joined(answer) => return answered(answer).await,
         };
@@ -245,15 +297,23 @@ impl Batcher {
             conn: Some(conn),
         };
         tokio::task::yield_now().await;
-        match open.close(read) {
-            Closed::Alone(mut conn, alone) => conn.req_packed_command(&alone).await,
+        match open.close(read, deadline) {
+            Closed::Alone(mut conn, alone) => {
+                let request = conn.req_packed_command(&alone);
+                tokio::time::timeout_at(deadline.into(), request).await.ok()
+            }
             Closed::Sent(answer) => answered(answer).await,
         }
     }
 
     /// Joins the open batch (sending it when this read fills it), or
     /// opens one.
-    fn join_or_open(&self, conn: &Conn, read: &mut Read<impl FnOnce(&mut Cmd)>) -> Joining {
+    fn join_or_open(
+        &self,
+        conn: &Conn,
+        read: &mut Read<impl FnOnce(&mut Cmd)>,
+        deadline: Instant,
+    ) -> Joining {
         let mut gathering = self
             .gathering
             .lock()
@@ -264,7 +324,7 @@ impl Batcher {
             *next += 1;
             return Joining::Opened(open.unwrap_or_default());
         }
-        let answer = batch.join(read);
+        let answer = batch.join(read, deadline);
         if batch.keys < MAX_BATCH {
             return Joining::Joined(answer);
         }
@@ -292,27 +352,28 @@ impl Batcher {
         Some(std::mem::take(&mut gathering.batch))
     }
 
-    /// Sends `batch` as one MGET from a task of its own and hands each
-    /// read its values. Without a runtime to run it (one shutting down),
-    /// the readers hear that their read was abandoned.
-    fn send(&self, mut conn: Conn, batch: Batch) {
+    /// Sends `batch` as one MGET from a task of its own ([`send_and_answer`]).
+    /// Without a runtime to run it (one shutting down), the readers hear
+    /// that their read was abandoned.
+    fn send(&self, conn: Conn, batch: Batch) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         self.stats
             .record_many(Event::ReadBatched, batch.joined.len() as u64);
-        let timeout = self.timeout;
-        runtime.spawn(async move {
-            let reply = tokio::time::timeout(timeout, conn.req_packed_command(&batch.mget))
-                .await
-                .unwrap_or_else(|_| Err(RedisError::from((ErrorKind::Io, "no answer in time"))));
-            batch.answer(reply);
-        });
+        runtime.spawn(send_and_answer(conn, batch));
     }
 }
 
-async fn answered(answer: Answer) -> RedisResult<Value> {
-    answer.await.unwrap_or_else(|_| Err(abandoned()))
+/// `wait` from now (far off if that overflows).
+fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or(now + Duration::from_secs(3600))
+}
+
+async fn answered(answer: Answer) -> Reply {
+    answer.await.unwrap_or_else(|_| Some(Err(abandoned())))
 }
 
 /// The opener's hold on an open batch. Dropped before [`close`](Open::close)
@@ -326,7 +387,7 @@ struct Open<'a> {
 impl Open<'_> {
     /// Closes the batch: the opener's read joins what gathered and the
     /// batch is sent, or, if nothing did, the read goes alone.
-    fn close(mut self, read: &mut Read<impl FnOnce(&mut Cmd)>) -> Closed {
+    fn close(mut self, read: &mut Read<impl FnOnce(&mut Cmd)>, deadline: Instant) -> Closed {
         let conn = self
             .conn
             .take()
@@ -334,7 +395,7 @@ impl Open<'_> {
         let Some(mut batch) = self.batcher.take(self.number) else {
             return Closed::Alone(conn, read.alone());
         };
-        let answer = batch.join(read);
+        let answer = batch.join(read, deadline);
         self.batcher.send(conn, batch);
         Closed::Sent(answer)
     }

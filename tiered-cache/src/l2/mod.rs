@@ -9,13 +9,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{Cmd, FromRedisValue, RedisError};
 
 use batch::{Batcher, Read, Shape};
 
-use crate::breaker::{Breaker, BreakerSettings, Verdict};
+use crate::breaker::{Breaker, BreakerSettings, Permit, Verdict};
 use crate::error::{Error, ErrorKind};
 use crate::events::Event;
 use crate::stats::Stats;
@@ -187,7 +187,7 @@ impl L2 {
             namespace: Arc::from(config.namespace.as_str()),
             timeout: config.timeout,
             failing: Arc::new(AtomicBool::new(false)),
-            batcher: Arc::new(Batcher::new(config.timeout, Arc::clone(&stats))),
+            batcher: Arc::new(Batcher::new(Arc::clone(&stats))),
             breaker: Arc::new(Breaker::new(config.breaker, stats)),
             rejections: Arc::default(),
         })
@@ -340,6 +340,18 @@ impl L2 {
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
+        let (permit, started, timer) = self.admit()?;
+        let answer = tokio::time::timeout(timer, send(self.conn.clone()))
+            .await
+            .ok();
+        self.settle(permit, started, answer)
+    }
+
+    /// Whether a request may go now: not when the call's budget is spent or
+    /// the breaker is open (both counted as skipped). If it may, the
+    /// breaker's permit, when it left (for the metrics) and how long it may
+    /// wait for its answer.
+    fn admit(&self) -> Result<(Permit<'_>, Option<Instant>, Duration), L2Fault> {
         let timeout = budget::time_left(self.timeout);
         if timeout.is_zero() {
             // The call's budget is spent (earlier commands were slow): not
@@ -351,14 +363,23 @@ impl L2 {
             self.stats.record(Event::L2Skipped);
             return Err(L2Fault::BreakerOpen);
         };
-        let started = self.stats.export.clock();
-        let timer = budget::timer(timeout);
-        let outcome = match tokio::time::timeout(timer, send(self.conn.clone())).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if is_wrong_type(&e) => Err(L2Fault::WrongType),
-            Ok(Err(e)) if is_about_the_command(&e) => Err(L2Fault::Rejected(e)),
-            Ok(Err(e)) => Err(L2Fault::Redis(e)),
-            Err(_) => Err(L2Fault::Timeout),
+        Ok((permit, self.stats.export.clock(), budget::timer(timeout)))
+    }
+
+    /// What an admitted request's answer (`None`: none in time) comes to;
+    /// counts and logs a failure, and tells the breaker.
+    fn settle<T>(
+        &self,
+        permit: Permit<'_>,
+        started: Option<Instant>,
+        answer: Option<Result<T, RedisError>>,
+    ) -> Result<T, L2Fault> {
+        let outcome = match answer {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) if is_wrong_type(&e) => Err(L2Fault::WrongType),
+            Some(Err(e)) if is_about_the_command(&e) => Err(L2Fault::Rejected(e)),
+            Some(Err(e)) => Err(L2Fault::Redis(e)),
+            None => Err(L2Fault::Timeout),
         };
         self.stats.export.l2_time(started);
         // Only a failed connection or no answer counts against Redis: an
@@ -432,12 +453,17 @@ impl L2 {
         if self.endpoint.is_cluster() {
             return self.run(&read.alone()).await;
         }
-        let (batcher, read) = (&self.batcher, &mut read);
-        self.guarded(|conn| async move {
-            let value = batcher.query(conn, read).await?;
-            Ok(redis::from_redis_value(value.extract_error()?)?)
-        })
-        .await
+        // The batch times its readers out (one timer for all of them):
+        // the read's own wait is not wrapped in a timer of its own.
+        let (permit, started, timer) = self.admit()?;
+        let answer = self
+            .batcher
+            .query(self.conn.clone(), &mut read, timer)
+            .await
+            .map(|reply| -> Result<T, RedisError> {
+                Ok(redis::from_redis_value(reply?.extract_error()?)?)
+            });
+        self.settle(permit, started, answer)
     }
 
     /// GET of one entry, then the versions of the counters `tags` (as
