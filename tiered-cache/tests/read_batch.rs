@@ -266,3 +266,22 @@ async fn batches_on_a_frozen_redis_end_within_the_budget() {
         reader.stats()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_batching_off_concurrent_reads_each_go_alone() {
+    let server = server();
+    fill(&server).await;
+    let reader = builder_on(&server, "t")
+        .l1_max_bytes(0)
+        .batch_reads(false)
+        .require_l2(true)
+        .build()
+        .await
+        .expect("cache builds against the test Redis");
+
+    for (id, found) in read_all_at_once(&reader).await {
+        assert_eq!(found, Some(id), "key {id}");
+    }
+    let s = reader.stats();
+    assert_eq!((s.l2_hits, s.l2_reads_batched), (KEYS, 0), "{s:?}");
+}

@@ -140,6 +140,8 @@ pub(crate) struct L2Config {
     /// The backplane uses sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) when
     /// the target is a cluster.
     pub(crate) sharded_pubsub: bool,
+    /// Concurrent reads share one MGET (`batch.rs`; one Redis only).
+    pub(crate) batch_reads: bool,
 }
 
 /// The Redis tier.
@@ -158,8 +160,9 @@ pub(crate) struct L2 {
     /// `SPUBLISH`/`SSUBSCRIBE` instead of `PUBLISH`/`SUBSCRIBE` (only ever
     /// set on a cluster).
     sharded_pubsub: bool,
-    /// Where concurrent GETs gather into one pipeline (one Redis only).
-    batcher: Arc<Batcher>,
+    /// Where concurrent reads gather into one MGET: `None` on a cluster,
+    /// or when turned off.
+    batcher: Option<Arc<Batcher>>,
 }
 
 impl std::fmt::Debug for L2 {
@@ -179,7 +182,10 @@ impl L2 {
         let (conn, endpoint) = conn::connect(&config.target, config.timeout)?;
         config.breaker.validate()?;
         let sharded_pubsub = config.sharded_pubsub && endpoint.is_cluster();
+        let batcher = (config.batch_reads && !endpoint.is_cluster())
+            .then(|| Arc::new(Batcher::new(Arc::clone(&stats))));
         Ok(L2 {
+            batcher,
             sharded_pubsub,
             stats: Arc::clone(&stats),
             conn,
@@ -187,7 +193,6 @@ impl L2 {
             namespace: Arc::from(config.namespace.as_str()),
             timeout: config.timeout,
             failing: Arc::new(AtomicBool::new(false)),
-            batcher: Arc::new(Batcher::new(Arc::clone(&stats))),
             breaker: Arc::new(Breaker::new(config.breaker, stats)),
             rejections: Arc::default(),
         })
@@ -442,22 +447,22 @@ impl L2 {
     }
 
     /// Reads the keys `keys` appends to a GET or MGET (as `shape` says),
-    /// through the [`Batcher`] on one Redis. (On a cluster the keys of one
-    /// MGET must share a slot: each read goes alone.)
+    /// through the [`Batcher`] on one Redis, unless batching is off. (On a
+    /// cluster the keys of one MGET must share a slot: each read goes
+    /// alone.)
     async fn read<T: FromRedisValue>(
         &self,
         shape: Shape,
         keys: impl FnOnce(&mut Cmd),
     ) -> Result<T, L2Fault> {
         let mut read = Read::new(shape, keys);
-        if self.endpoint.is_cluster() {
+        let Some(batcher) = &self.batcher else {
             return self.run(&read.alone()).await;
-        }
+        };
         // The batch times its readers out (one timer for all of them):
         // the read's own wait is not wrapped in a timer of its own.
         let (permit, started, timer) = self.admit()?;
-        let answer = self
-            .batcher
+        let answer = batcher
             .query(self.conn.clone(), &mut read, timer)
             .await
             .map(|reply| -> Result<T, RedisError> {
