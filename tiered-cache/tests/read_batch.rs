@@ -1,4 +1,4 @@
-//! Reads due at the same moment share one pipeline to Redis (`l2/batch.rs`):
+//! Reads due at the same moment share one MGET to Redis (`l2/batch.rs`):
 //! each still gets its own entry, a key of another type stays one read's
 //! miss, a reader cancelled while its batch gathers does not take the
 //! others down, and a read with no other in flight goes alone.
@@ -8,18 +8,36 @@ mod support;
 use std::time::Duration;
 
 use support::{builder_on, cache_on, conn, key, opts, product, redis_key, server};
-use tiered_cache::TieredCache;
+use tiered_cache::{TieredCache, TieredCacheBuilder};
 
 const KEYS: u64 = 200;
 
 /// A cache whose every read goes to Redis (L1 off), on `server`.
 async fn l2_reader(server: &tiered_cache::testkit::RedisServer) -> TieredCache {
-    builder_on(server, "t")
-        .l1_max_bytes(0)
-        .require_l2(true)
+    l2_reader_with(server, |builder| builder).await
+}
+
+/// [`l2_reader`] with settings of the test's own.
+async fn l2_reader_with(
+    server: &tiered_cache::testkit::RedisServer,
+    tune: impl FnOnce(TieredCacheBuilder) -> TieredCacheBuilder,
+) -> TieredCache {
+    tune(builder_on(server, "t").l1_max_bytes(0).require_l2(true))
         .build()
         .await
         .expect("cache builds against the test Redis")
+}
+
+/// Whether `reader` reads key `id` as its own entry again within 5 s
+/// (after a fault: the reconnect, the breaker's rest).
+async fn hits_again(reader: &TieredCache, id: u64) -> bool {
+    for _ in 0..50 {
+        if reader.get(&key(id)).await.map(|p| p.id) == Some(id) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 async fn fill(server: &tiered_cache::testkit::RedisServer) {
@@ -168,16 +186,11 @@ async fn a_batch_on_a_dead_connection_fails_as_misses_and_reads_recover() {
     for (id, found) in read_all_at_once(&reader).await {
         assert!(found.is_none() || found == Some(id), "key {id}: {found:?}");
     }
-    let mut answered = 0;
-    for _ in 0..50 {
-        if let Some(p) = reader.get(&key(3)).await {
-            assert_eq!(p.id, 3);
-            answered += 1;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(answered, 1, "the cache reconnected: {:?}", reader.stats());
+    assert!(
+        hits_again(&reader, 3).await,
+        "the cache reconnected: {:?}",
+        reader.stats()
+    );
 }
 
 /// Redis refusing the batch's MGET (an ACL without it: NOPERM) is about
@@ -228,13 +241,7 @@ async fn batches_on_a_frozen_redis_end_within_the_budget() {
     let server = server();
     fill(&server).await;
     let budget = Duration::from_millis(200);
-    let reader = builder_on(&server, "t")
-        .l1_max_bytes(0)
-        .l2_timeout(budget)
-        .require_l2(true)
-        .build()
-        .await
-        .expect("cache builds against the test Redis");
+    let reader = l2_reader_with(&server, |b| b.l2_timeout(budget)).await;
     assert!(reader.get(&key(0)).await.is_some(), "connected");
 
     server.pause().expect("SIGSTOP");
@@ -252,16 +259,8 @@ async fn batches_on_a_frozen_redis_end_within_the_budget() {
         took < budget + Duration::from_secs(1),
         "{KEYS} reads at once ended with their budget, not with Redis: {took:?}"
     );
-    let mut hit = false;
-    for _ in 0..50 {
-        if reader.get(&key(3)).await.map(|p| p.id) == Some(3) {
-            hit = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        hit,
+        hits_again(&reader, 3).await,
         "reads hit again after Redis resumed: {:?}",
         reader.stats()
     );
@@ -271,13 +270,7 @@ async fn batches_on_a_frozen_redis_end_within_the_budget() {
 async fn with_batching_off_concurrent_reads_each_go_alone() {
     let server = server();
     fill(&server).await;
-    let reader = builder_on(&server, "t")
-        .l1_max_bytes(0)
-        .batch_reads(false)
-        .require_l2(true)
-        .build()
-        .await
-        .expect("cache builds against the test Redis");
+    let reader = l2_reader_with(&server, |b| b.batch_reads(false)).await;
 
     for (id, found) in read_all_at_once(&reader).await {
         assert_eq!(found, Some(id), "key {id}");
