@@ -24,6 +24,9 @@
 //! SipHash of the whole string. Each entry keeps its full key (inline when
 //! short) and a hit compares it, so two keys whose hashes collide are two
 //! misses, never one key's value served for the other.
+//!
+//! The hottest keys are answered from a small table in front of moka
+//! ([`front`]), which every change to L1 empties.
 
 use std::any::Any;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
@@ -41,6 +44,10 @@ use crate::tags::TagFloors;
 #[cfg(test)]
 use crate::tags::MAX_FLOORS;
 use crate::weigh;
+
+mod front;
+
+use front::{Found, Front};
 
 /// A decoded value as held in L1.
 pub(crate) type AnyValue = Arc<dyn Any + Send + Sync>;
@@ -176,6 +183,7 @@ pub(crate) struct L1 {
     ttl_cap: Option<Duration>,
     drops: Arc<Drops>,
     floors: Arc<TagFloors>,
+    front: Arc<Front>,
     /// With [`L1Admission::SecondRead`]: the keys read once from Redis.
     doorkeeper: Option<Arc<Doorkeeper>>,
 }
@@ -242,11 +250,17 @@ impl Expiry<u64, Arc<L1Entry>> for PerEntryDeadline {
 
 impl L1 {
     pub(crate) fn new(max_bytes: u64, ttl_cap: Option<Duration>, admission: L1Admission) -> Self {
+        let front = Arc::new(Front::new(max_bytes));
+        let evicted = Arc::clone(&front);
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_key: &u64, entry: &Arc<L1Entry>| entry.weight)
             .expire_after(PerEntryDeadline)
             .support_invalidation_closures()
+            // Whatever moka lets go of leaves the front too.
+            .eviction_listener(move |hash: Arc<u64>, entry: Arc<L1Entry>, _| {
+                evicted.forget(*hash, &entry);
+            })
             .build_with_hasher(BuildHasherDefault::default());
         let drops = Arc::new(Drops {
             many: AtomicU64::new(0),
@@ -260,6 +274,7 @@ impl L1 {
             ttl_cap,
             drops,
             floors,
+            front,
             doorkeeper: (admission == L1Admission::SecondRead).then(|| {
                 // No entry weighs less than its overhead.
                 Arc::new(Doorkeeper::new(max_bytes / weigh::ENTRY_OVERHEAD as u64))
@@ -291,10 +306,35 @@ impl L1 {
 
     #[inline]
     pub(crate) async fn get(&self, key: &str) -> Option<Arc<L1Entry>> {
-        let entry = self.cache.get(&self.hash(key)).await?;
+        let hash = self.hash(key);
+        let generation = match self.front.get(hash, key) {
+            Found::Hit { entry, touch } => {
+                if touch {
+                    self.touch(hash).await;
+                }
+                return self.checked(entry);
+            }
+            Found::Miss(generation) => generation,
+        };
+        let entry = self.cache.get(&hash).await?;
         if !entry.key.is(key) {
             return None; // another key with the same hash
         }
+        let entry = self.checked(entry)?;
+        self.front
+            .offer(hash, generation, &entry, || self.cache.contains_key(&hash));
+        Some(entry)
+    }
+
+    /// A front hit passed on to moka, so that it counts the key as read.
+    #[cold]
+    async fn touch(&self, hash: u64) {
+        Box::pin(self.cache.get(&hash)).await;
+    }
+
+    /// `entry` if no tag floor or clear outdates it.
+    #[inline]
+    fn checked(&self, entry: Arc<L1Entry>) -> Option<Arc<L1Entry>> {
         let generation = self.floors.generation();
         if entry.checked.0.load(Relaxed) == generation {
             return Some(entry);
@@ -408,10 +448,11 @@ impl L1 {
 
     #[cfg(test)]
     pub(crate) async fn insert(&self, key: &str, entry: Arc<L1Entry>) {
+        let hash = self.hash(key);
         if entry.drop_at > Instant::now() {
-            self.cache.insert(self.hash(key), entry).await;
+            self.put(hash, entry).await;
         } else {
-            self.cache.invalidate(&self.hash(key)).await;
+            self.remove(hash).await;
         }
     }
 
@@ -467,16 +508,20 @@ impl L1 {
         }
     }
 
-    /// moka's insert, boxed: its future is large, and inline it would be
-    /// laid out inside every L2 read's future (which promotes), copied on
+    /// moka's insert, then the front's slot emptied (whatever it held for
+    /// the key is older). Boxed: moka's future is large, and inline it would
+    /// be laid out inside every L2 read's future (which promotes), copied on
     /// each poll of a read that never promotes.
     async fn put(&self, hash: u64, entry: Arc<L1Entry>) {
         Box::pin(self.cache.insert(hash, entry)).await;
+        self.front.empty(hash);
     }
 
-    /// moka's invalidate, boxed for the same reason as [`L1::put`].
+    /// moka's invalidate, then the front's slot emptied; boxed for the same
+    /// reason as [`L1::put`].
     async fn remove(&self, hash: u64) {
         Box::pin(self.cache.invalidate(&hash)).await;
+        self.front.empty(hash);
     }
 
     /// Puts a newly written `entry` in place of whatever `key` held, and
@@ -505,6 +550,9 @@ impl L1 {
     pub(crate) fn clear(&self) {
         self.drops.many.fetch_add(1, SeqCst);
         self.cache.invalidate_all();
+        // Its entries would be misses anyway (built before the clear); this
+        // lets go of their memory.
+        self.front.empty_all();
         // No entry is left for a floor to hide, and entries added from now on
         // are judged against current tag versions first. Keeping the floors
         // would be wrong after a Redis restart: counters start again lower.
@@ -589,7 +637,7 @@ mod tests {
         // lands just after it (the clear takes no key lock).
         assert!(l1.insert_since("k", Arc::clone(&built), ticket).await);
         l1.clear();
-        l1.cache.insert(l1.hash("k"), built).await;
+        l1.put(l1.hash("k"), built).await;
         assert!(l1.get("k").await.is_none(), "served after the clear");
         let fresh = entry(&l1, "k");
         assert!(l1.insert_since("k", fresh, l1.ticket("k")).await);
@@ -682,9 +730,9 @@ mod tests {
         let long_a = "a".repeat(INLINE_KEY + 10);
         let long_b = "b".repeat(INLINE_KEY + 10);
         for (a, b) in [("a", "b"), ("ab", "a"), (long_a.as_str(), long_b.as_str())] {
-            l1.cache.insert(l1.hash(b), entry(&l1, a)).await;
+            l1.put(l1.hash(b), entry(&l1, a)).await;
             assert!(l1.get(b).await.is_none(), "{b} served {a}'s entry");
-            l1.cache.insert(l1.hash(a), entry(&l1, a)).await;
+            l1.put(l1.hash(a), entry(&l1, a)).await;
             assert!(l1.get(a).await.is_some(), "{a} is a hit under its own hash");
         }
         let exact = "x".repeat(INLINE_KEY);
@@ -703,5 +751,193 @@ mod tests {
         let ticket = l1.ticket("k");
         l1.invalidate(&other).await;
         assert!(l1.insert_since("k", entry(&l1, "k"), ticket).await);
+    }
+
+    /// Reads `key` until the front table answers it; the entry it gives.
+    async fn in_front(l1: &L1, key: &str) -> Arc<L1Entry> {
+        let hash = l1.hash(key);
+        for _ in 0..3 {
+            let entry = l1.get(key).await.expect("a hit");
+            if let Found::Hit { entry: front, .. } = l1.front.get(hash, key) {
+                assert!(Arc::ptr_eq(&front, &entry));
+                return front;
+            }
+        }
+        panic!("{key} never reached the front");
+    }
+
+    /// Every change L1 makes to a key empties the key's front slot: what is
+    /// read after it is what moka holds then, never the front's old entry.
+    #[tokio::test]
+    async fn every_change_to_a_key_empties_its_front_slot() {
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
+        l1.insert("k", entry(&l1, "k")).await;
+        in_front(&l1, "k").await;
+        l1.invalidate("k").await;
+        assert!(l1.get("k").await.is_none(), "invalidate");
+
+        l1.insert("k", entry(&l1, "k")).await;
+        in_front(&l1, "k").await;
+        let written = entry(&l1, "k");
+        l1.replace("k", Arc::clone(&written)).await;
+        assert!(
+            Arc::ptr_eq(&l1.get("k").await.unwrap(), &written),
+            "replace"
+        );
+
+        in_front(&l1, "k").await;
+        let promoted = entry(&l1, "k");
+        assert!(
+            l1.insert_since("k", Arc::clone(&promoted), l1.ticket("k"))
+                .await
+        );
+        assert!(
+            Arc::ptr_eq(&l1.get("k").await.unwrap(), &promoted),
+            "promotion"
+        );
+
+        in_front(&l1, "k").await;
+        l1.clear();
+        assert_eq!(l1.front.len(), 0, "a clear empties every slot");
+        assert!(l1.get("k").await.is_none(), "clear");
+    }
+
+    /// A tag's floor and a tag drop hide an entry the front holds; so does
+    /// its drop deadline (the L1 cap), although it is still fresh.
+    #[tokio::test]
+    async fn front_hits_are_checked_like_moka_hits() {
+        let l1 = L1::new(
+            1 << 20,
+            Some(Duration::from_millis(30)),
+            L1Admission::EveryRead,
+        );
+        let tagged = |tag: &str| Meta {
+            tags: vec![(Arc::from(tag), 1)].into(),
+            ..Meta::default()
+        };
+        let ttl = Duration::from_secs(60);
+        for (key, tag) in [("a", "ta"), ("b", "tb"), ("c", "tc")] {
+            let value: AnyValue = Arc::new(1_u32);
+            l1.insert(key, l1.entry(key, Some(value), tagged(tag), ttl, ttl, 4))
+                .await;
+            in_front(&l1, key).await;
+        }
+        l1.invalidate_tag("ta", 2);
+        assert!(l1.get("a").await.is_none(), "below its tag's floor");
+        l1.drop_tag("tb");
+        assert!(l1.get("b").await.is_none(), "its tag dropped");
+        let c = in_front(&l1, "c").await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(c.is_fresh(Instant::now()), "fresh for a minute");
+        assert!(l1.get("c").await.is_none(), "past the L1 cap");
+    }
+
+    /// An entry read from moka before a change to its key (an invalidate,
+    /// a write, a promotion), offered after it, stays out.
+    #[tokio::test]
+    async fn an_entry_read_before_a_change_is_not_offered_after_it() {
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
+        let hash = l1.hash("k");
+        for change in ["invalidate", "replace", "promote"] {
+            l1.insert("k", entry(&l1, "k")).await;
+            let Found::Miss(generation) = l1.front.get(hash, "k") else {
+                panic!("{change}: emptied by the insert");
+            };
+            let read = l1.cache.get(&hash).await.expect("in moka");
+            // The change lands between the read and the offer.
+            match change {
+                "invalidate" => l1.invalidate("k").await,
+                "replace" => l1.replace("k", entry(&l1, "k")).await,
+                _ => assert!(l1.insert_since("k", entry(&l1, "k"), l1.ticket("k")).await),
+            }
+            l1.front.offer(hash, generation, &read, || true);
+            assert_eq!(l1.front.len(), 0, "{change}: the old entry was kept");
+            let now = l1.get("k").await;
+            assert!(
+                now.is_none_or(|now| !Arc::ptr_eq(&now, &read)),
+                "{change}: the old entry was served"
+            );
+        }
+        // Nor when moka let go of it by itself (the offer asks moka).
+        l1.insert("k", entry(&l1, "k")).await;
+        let Found::Miss(generation) = l1.front.get(hash, "k") else {
+            panic!("emptied by the insert");
+        };
+        let read = l1.cache.get(&hash).await.expect("in moka");
+        l1.front.offer(hash, generation, &read, || false);
+        assert_eq!(l1.front.len(), 0);
+    }
+
+    /// What moka lets go of by itself (an expiry, a tag's sweep) leaves the
+    /// front as well, so the front holds no memory the bound does not count.
+    #[tokio::test]
+    async fn what_moka_lets_go_of_leaves_the_front() {
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
+        let short = Duration::from_millis(20);
+        let value: AnyValue = Arc::new(1_u32);
+        l1.insert(
+            "gone",
+            l1.entry(
+                "gone",
+                Some(value.clone()),
+                Meta::default(),
+                short,
+                short,
+                4,
+            ),
+        )
+        .await;
+        in_front(&l1, "gone").await;
+        let tagged = Meta {
+            tags: vec![(Arc::from("t"), 1)].into(),
+            ..Meta::default()
+        };
+        let ttl = Duration::from_secs(60);
+        l1.insert("swept", l1.entry("swept", Some(value), tagged, ttl, ttl, 4))
+            .await;
+        in_front(&l1, "swept").await;
+        l1.insert("k", entry(&l1, "k")).await;
+        in_front(&l1, "k").await;
+        assert_eq!(l1.front.len(), 3);
+        l1.invalidate_tag("t", 2);
+        l1.cache.run_pending_tasks().await;
+        assert!(!l1.front.holds(l1.hash("swept")), "swept");
+        // moka's timer wheel removes what expired once its first level
+        // (about 1.07 s) has turned; until then moka counts it in its bound.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        l1.cache.run_pending_tasks().await;
+        assert!(!l1.front.holds(l1.hash("gone")), "expired");
+        assert!(l1.front.holds(l1.hash("k")), "untouched");
+    }
+
+    /// Two keys in one slot: each read gets its own entry, and the slot
+    /// goes to the other key only once the one in it was not read between
+    /// two of the other's reads.
+    #[tokio::test]
+    async fn keys_sharing_a_slot_take_turns_and_never_mix() {
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
+        let shift = l1.front.shift;
+        let slot = |key: &str| l1.hash(key) >> shift;
+        let other = (0..100_000)
+            .map(|i| format!("o{i}"))
+            .find(|o| slot(o) == slot("k"))
+            .expect("a key in the same slot");
+        let (k, o) = (entry(&l1, "k"), entry(&l1, &other));
+        l1.insert("k", Arc::clone(&k)).await;
+        l1.insert(&other, Arc::clone(&o)).await;
+        in_front(&l1, "k").await; // and hit: referenced
+        for _ in 0..3 {
+            assert!(Arc::ptr_eq(&l1.get(&other).await.unwrap(), &o));
+            assert!(Arc::ptr_eq(&l1.get("k").await.unwrap(), &k));
+        }
+        assert!(matches!(l1.front.get(l1.hash("k"), "k"), Found::Hit { .. }));
+        for _ in 0..2 {
+            assert!(Arc::ptr_eq(&l1.get(&other).await.unwrap(), &o));
+        }
+        assert!(matches!(
+            l1.front.get(l1.hash(&other), &other),
+            Found::Hit { .. }
+        ));
+        assert!(Arc::ptr_eq(&l1.get("k").await.unwrap(), &k));
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use support::{
     builder_on, cache_on, command_calls, conn, exists, key, load, product, redis_key,
-    reset_command_stats, server, Product,
+    reset_command_stats, server, until_within, Product,
 };
 use tiered_cache::testkit::RedisServer;
 use tiered_cache::{EntryOptions, Key, TieredCache};
@@ -86,9 +86,17 @@ async fn sub_second_ttls_expire_in_both_tiers() {
         left > 0 && left <= 400,
         "Redis got a millisecond TTL, PTTL = {left}"
     );
-    // B promotes it into its L1 (with what is left of the 400 ms).
-    assert!(b.get(&key(1)).await.is_some());
-    assert_eq!(b.stats().l2_hits, 1);
+    // Once A's message about the write has reached B (it would drop what B
+    // promotes), B promotes it into its L1 (with what is left of the
+    // 400 ms), and reads it from moka, then from L1's front table.
+    until_within(Duration::from_secs(5), "A's message", || {
+        b.stats().invalidations_received >= 1
+    })
+    .await;
+    for _ in 0..3 {
+        assert!(b.get(&key(1)).await.is_some());
+    }
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (2, 1));
 
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(!exists(&server, &rk), "Redis expired the entry");
@@ -96,7 +104,7 @@ async fn sub_second_ttls_expire_in_both_tiers() {
     assert!(b.get(&key(1)).await.is_none(), "B's L1 expired too");
     let (sa, sb) = (a.stats(), b.stats());
     assert_eq!((sa.l1_hits, sa.l2_hits, sa.misses), (0, 0, 1));
-    assert_eq!((sb.l1_hits, sb.l2_hits, sb.misses), (0, 1, 1));
+    assert_eq!((sb.l1_hits, sb.l2_hits, sb.misses), (2, 1, 1));
 
     // get_or_load with a sub-second TTL loads again after expiry.
     let calls = Arc::new(AtomicUsize::new(0));
@@ -401,19 +409,21 @@ async fn l1_ttl_cap_shortens_l1_but_not_redis() {
         .unwrap();
 
     assert!(b.get(&key(1)).await.is_some()); // L2, promoted
-    assert!(b.get(&key(1)).await.is_some()); // L1
-    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (1, 1));
+    assert!(b.get(&key(1)).await.is_some()); // L1 (moka)
+    assert!(b.get(&key(1)).await.is_some()); // L1 (its front table)
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (2, 1));
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert!(b.get(&key(1)).await.is_some()); // L1 capped: Redis again
-    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (1, 2));
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (2, 2));
 
     // The cap applies to B's own writes too; Redis keeps the full TTL.
     b.set(&key(2), product(2), &opts).await.unwrap();
     assert!(b.get(&key(2)).await.is_some());
-    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (2, 2));
+    assert!(b.get(&key(2)).await.is_some());
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (4, 2));
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert!(b.get(&key(2)).await.is_some());
-    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (2, 3));
+    assert_eq!((b.stats().l1_hits, b.stats().l2_hits), (4, 3));
     assert!(pttl(&server, &redis_key("t", &key(2))) > 60_000);
 }
 
@@ -644,4 +654,44 @@ async fn an_l1_hit_is_the_stored_arc_not_a_copy() {
     );
     let stats = b.stats();
     assert_eq!((stats.l2_hits, stats.l1_hits), (1, 1), "{stats:?}");
+}
+
+/// A key read back to back (so L1's front table answers it) is still
+/// reloaded as its TTL passes, and a write or an invalidation in between
+/// shows on the next read: nothing in L1 pins an entry.
+#[tokio::test]
+async fn a_hot_key_follows_its_ttl_writes_and_invalidations() {
+    let server = server();
+    let cache = cache_on(&server, "hot").await;
+    let opts = EntryOptions::new(Duration::from_millis(100));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut ids = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1_000) {
+        let next = calls.load(Ordering::SeqCst) as u64 + 1;
+        let v = load(&cache, &key(1), &opts, &calls, product(next)).await;
+        if ids.last() != Some(&v.id) {
+            ids.push(v.id);
+        }
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(
+        ids.len() >= 5,
+        "reloaded only {} times in 1 s: {ids:?}",
+        ids.len()
+    );
+    assert!(cache.stats().l1_hits > 100, "the reads were L1 hits");
+
+    let long = EntryOptions::new(Duration::from_secs(300));
+    cache.set(&key(2), product(2), &long).await.unwrap();
+    for round in 3..6 {
+        for _ in 0..3 {
+            assert_eq!(cache.get(&key(2)).await.map(|p| p.id), Some(round - 1));
+        }
+        cache.set(&key(2), product(round), &long).await.unwrap();
+    }
+    assert_eq!(cache.get(&key(2)).await.map(|p| p.id), Some(5));
+    assert!(cache.get(&key(2)).await.is_some());
+    cache.invalidate(&key(2)).await.unwrap();
+    assert!(cache.get(&key(2)).await.is_none(), "invalidated");
 }

@@ -1,0 +1,181 @@
+//! A small direct-mapped table in front of moka that answers hits on the
+//! hottest keys at the cost of a locked slot read.
+//!
+//! A moka hit costs about twice a locked `HashMap` probe: its read log, its
+//! access-order deque and the housekeeping that reads run inline (benches/
+//! README.md, "Where a `#[cached]` hit's time goes"). A key lives in one slot
+//! (the high bits of its L1 hash); a slot holds at most one entry, and only
+//! an entry moka itself just handed out.
+//!
+//! **It never holds what moka dropped or replaced.** Every change L1 makes to
+//! a key (insert, replace, invalidate) empties the key's slot *after* moka has
+//! changed, a clear empties every slot, and moka's own removals (size
+//! eviction, expiry, tag sweeps) empty the slot through the eviction listener
+//! when it still holds the removed entry. A reader that found an entry in
+//! moka offers it with the slot's generation as it was *before* that moka
+//! read ([`Front::get`]); every emptying bumps the generation, so an entry
+//! read from moka before a drop cannot land here after it. The offer also
+//! checks, under the slot's lock, that moka still holds the key, so that an
+//! eviction between the read and the offer cannot leave an entry here that
+//! the bound no longer counts. Hits from here go through the same checks as
+//! moka's (the key, the tag floors and clears, the drop deadline).
+//!
+//! A hit here is an access moka does not see; every [`TOUCH_EVERY`]th hit of
+//! a slot is passed on to moka too, so that its eviction policy still counts
+//! the key as read. A slot's entry that was hit since it came in gets a
+//! second chance against a colliding key (CLOCK): one key read twice in a row
+//! from moka takes the slot only from one that was not read in between.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use super::L1Entry;
+
+/// One in this many hits of a slot is also a moka read (see the module docs).
+const TOUCH_EVERY: u8 = 32;
+
+/// The fewest and the most slots; between them, one per KiB of L1's bound
+/// (an entry weighs at least 160 bytes, so a full L1 holds at least six
+/// entries per slot).
+const MIN_SLOTS: usize = 64;
+const MAX_SLOTS: usize = 1 << 16;
+
+#[derive(Debug, Default)]
+struct Slot {
+    entry: Option<Arc<L1Entry>>,
+    /// Bumped by every emptying of the slot.
+    generation: u32,
+    /// Hit since it came in or since a colliding key last asked for the slot.
+    referenced: bool,
+    hits: u8,
+}
+
+/// What [`Front::get`] found.
+pub(super) enum Found {
+    /// The key's entry, not past its drop deadline. `touch`: pass this hit
+    /// on to moka.
+    Hit { entry: Arc<L1Entry>, touch: bool },
+    /// Not here; offer what moka has with this generation.
+    Miss(u32),
+}
+
+/// The table (see the module docs).
+#[derive(Debug)]
+pub(super) struct Front {
+    slots: Box<[Mutex<Slot>]>,
+    /// `64 - log2(slots)`: a slot is the top bits of the hash.
+    pub(super) shift: u32,
+}
+
+impl Front {
+    /// A table sized for an L1 bounded at `max_bytes`.
+    pub(super) fn new(max_bytes: u64) -> Self {
+        let wanted = usize::try_from(max_bytes / 1024).unwrap_or(MAX_SLOTS);
+        let slots = wanted.clamp(MIN_SLOTS, MAX_SLOTS).next_power_of_two();
+        Front {
+            slots: (0..slots).map(|_| Mutex::default()).collect(),
+            shift: 64 - slots.trailing_zeros(),
+        }
+    }
+
+    #[inline]
+    fn slot(&self, hash: u64) -> MutexGuard<'_, Slot> {
+        // No code under a slot's lock can panic; a poisoned lock is usable.
+        self.slots[(hash >> self.shift) as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The entry of `key` (whose L1 hash is `hash`) if this table holds it
+    /// and its drop deadline has not passed.
+    #[inline]
+    pub(super) fn get(&self, hash: u64, key: &str) -> Found {
+        let mut slot = self.slot(hash);
+        if let Some(entry) = &slot.entry {
+            if entry.key.is(key) && Instant::now() < entry.drop_at {
+                let entry = Arc::clone(entry);
+                slot.referenced = true;
+                slot.hits = slot.hits.wrapping_add(1);
+                let touch = slot.hits % TOUCH_EVERY == 0;
+                return Found::Hit { entry, touch };
+            }
+        }
+        Found::Miss(slot.generation)
+    }
+
+    /// Offers `entry`, just read from moka under `hash`: kept unless the slot
+    /// was emptied since `generation` was read, its entry was hit since it
+    /// came in (then it only loses that mark), or `held` (moka still holds
+    /// the key; asked under the slot's lock) says no.
+    pub(super) fn offer(
+        &self,
+        hash: u64,
+        generation: u32,
+        entry: &Arc<L1Entry>,
+        held: impl FnOnce() -> bool,
+    ) {
+        let mut slot = self.slot(hash);
+        if slot.generation != generation {
+            return;
+        }
+        if slot.referenced && slot.entry.is_some() {
+            slot.referenced = false;
+            return;
+        }
+        if held() {
+            let old = slot.entry.replace(Arc::clone(entry));
+            slot.referenced = false;
+            drop(slot);
+            drop(old); // freed outside the lock
+        }
+    }
+
+    /// Empties the slot of `hash`, whatever it holds (see the module docs:
+    /// after moka changed).
+    pub(super) fn empty(&self, hash: u64) {
+        take(self.slot(hash), true);
+    }
+
+    /// Empties the slot of `hash` if it holds `removed`, which moka has just
+    /// let go of.
+    pub(super) fn forget(&self, hash: u64, removed: &Arc<L1Entry>) {
+        let slot = self.slot(hash);
+        if slot.entry.as_ref().is_some_and(|e| Arc::ptr_eq(e, removed)) {
+            take(slot, false);
+        }
+    }
+
+    /// Empties every slot.
+    pub(super) fn empty_all(&self) {
+        for slot in self.slots.iter() {
+            take(slot.lock().unwrap_or_else(PoisonError::into_inner), true);
+        }
+    }
+
+    /// Whether the slot of `hash` holds an entry.
+    #[cfg(test)]
+    pub(super) fn holds(&self, hash: u64) -> bool {
+        self.slot(hash).entry.is_some()
+    }
+
+    /// How many slots hold an entry.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| slot.lock().unwrap().entry.is_some())
+            .count()
+    }
+}
+
+/// Empties a locked slot, bumping its generation when `bump` (an emptying
+/// that an offer read before it must not survive), and frees the entry after
+/// the lock is let go.
+fn take(mut slot: MutexGuard<'_, Slot>, bump: bool) {
+    if bump {
+        slot.generation = slot.generation.wrapping_add(1);
+    }
+    let old = slot.entry.take();
+    drop(slot);
+    drop(old);
+}
