@@ -36,8 +36,9 @@ impl<V, C: Codec> Key<V, C> {
         let mut body = String::with_capacity(entity.len() + 24);
         body.push('{');
         escape_into(&mut body, entity);
-        // Writing to a String cannot fail.
-        let _ = write!(body, ":v{version}}}");
+        body.push_str(":v");
+        push_decimal(&mut body, u64::from(version), false);
+        body.push('}');
         Key {
             body,
             _value: PhantomData,
@@ -61,6 +62,25 @@ impl<V, C: Codec> Key<V, C> {
         }
         self.body.push('}');
     }
+
+    /// Appends an integer argument: the same part as [`Key::push_arg`]
+    /// writes for it (its decimal form needs no escaping), without going
+    /// through `fmt`. The `#[cached]` macro uses it for integer parts.
+    pub(crate) fn push_integer(&mut self, magnitude: u64, negative: bool) {
+        self.body.pop(); // the closing brace
+        self.body.push(':');
+        push_decimal(&mut self.body, magnitude, negative);
+        self.body.push('}');
+    }
+}
+
+/// Writes `magnitude` in decimal, after a `-` when `negative`: what
+/// `Display` writes for an integer.
+fn push_decimal(out: &mut String, magnitude: u64, negative: bool) {
+    if negative {
+        out.push('-');
+    }
+    out.push_str(itoa::Buffer::new().format(magnitude));
 }
 
 impl<V, C> Key<V, C> {
@@ -106,16 +126,23 @@ impl<V, C> fmt::Display for Key<V, C> {
 }
 
 /// Escapes `%`, `:`, `{` and `}` as `%XX` so a part never contains a separator.
+/// Runs between separators are copied whole: the four are ASCII, so each
+/// byte index where one sits is a char boundary.
 pub(crate) fn escape_into(out: &mut String, part: &str) {
-    for c in part.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            ':' => out.push_str("%3A"),
-            '{' => out.push_str("%7B"),
-            '}' => out.push_str("%7D"),
-            _ => out.push(c),
-        }
+    let mut copied = 0;
+    for (at, byte) in part.bytes().enumerate() {
+        let escaped = match byte {
+            b'%' => "%25",
+            b':' => "%3A",
+            b'{' => "%7B",
+            b'}' => "%7D",
+            _ => continue,
+        };
+        out.push_str(&part[copied..at]);
+        out.push_str(escaped);
+        copied = at + 1;
     }
+    out.push_str(&part[copied..]);
 }
 
 struct EscapingWriter<'a>(&'a mut String);
@@ -163,7 +190,47 @@ mod tests {
         assert_eq!(k.matches('}').count(), 1);
     }
 
+    #[test]
+    fn integer_parts_are_their_display_form() {
+        let by_display = |n: &dyn fmt::Display| {
+            let mut key = Key::<u8>::new("e", u32::MAX);
+            key.push_arg(n);
+            key.as_str().to_owned()
+        };
+        let cases: [(u64, bool, &dyn fmt::Display); 6] = [
+            (0, false, &0),
+            (7, false, &7),
+            (u64::MAX, false, &u64::MAX),
+            (1, true, &-1),
+            (1 << 63, true, &i64::MIN),
+            (42, true, &-42_i128),
+        ];
+        for (magnitude, negative, display) in cases {
+            let mut key = Key::<u8>::new("e", u32::MAX);
+            key.push_integer(magnitude, negative);
+            assert_eq!(key.as_str(), by_display(display));
+        }
+        assert_eq!(Key::<u8>::new("e", 0).as_str(), "{e:v0}");
+    }
+
     proptest! {
+        #[test]
+        fn escaping_matches_char_by_char(part in "[:{}%a-c\\u{e9}\\u{1F600}]{0,12}") {
+            let mut fast = String::new();
+            escape_into(&mut fast, &part);
+            let slow: String = part
+                .chars()
+                .map(|c| match c {
+                    '%' => "%25".to_owned(),
+                    ':' => "%3A".to_owned(),
+                    '{' => "%7B".to_owned(),
+                    '}' => "%7D".to_owned(),
+                    c => c.to_string(),
+                })
+                .collect();
+            prop_assert_eq!(fast, slow);
+        }
+
         #[test]
         fn encoding_is_injective(
             a in proptest::collection::vec("[:{}%a-c\\u{e9}\\u{1F600}]{0,4}", 0..4),
