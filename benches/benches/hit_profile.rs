@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo bench -p tiered-cache-benches --bench hit_profile --no-run
-//! for v in raw_moka_string raw_moka_u64 tiered_get; do for n in 0 200000; do   # L1 hits
+//! for v in raw_moka_string raw_moka_u64 tiered_get tiered_cached cached_crate_lru_ttl; do for n in 0 200000; do   # L1 hits
 //! # (raw_redis_get tiered_l2_get with 0 and 20000: an L2 read's CPU, L1 off;
 //! #  raw_mget tiered_get_many with 0 and 100000: a batch read's CPU per key,
 //! #  MGETs of 100 keys, L1 off)
@@ -27,18 +27,39 @@
 mod common;
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use tiered_cache::EntryOptions;
 
-use common::{keys, product, Cursor, Product, Sampler, KEYS};
+use common::{keys, product, Cursor, Product, Sampler, ENTITY, KEYS, VERSION};
 
-const VARIANTS: [&str; 7] = [
+/// Body runs of the two `#[cached]` variants: only their fill may run them.
+static LOADS: AtomicUsize = AtomicUsize::new(0);
+
+/// P3's pair: ours, as `macro_hit`'s `tiered_cached_arc`.
+#[tiered_cache::cached(name = ENTITY, version = VERSION)]
+async fn tiered_cached(id: u64) -> Arc<Product> {
+    LOADS.fetch_add(1, Relaxed);
+    Arc::new(product(id))
+}
+
+/// The `cached` crate's bounded TTL store, as `macro_hit`'s
+/// `cached_crate_lru_ttl_arc`.
+#[cached::proc_macro::cached(max_size = 200_000, ttl_secs = 3600)]
+async fn cached_crate_lru_ttl(id: u64) -> Arc<Product> {
+    LOADS.fetch_add(1, Relaxed);
+    Arc::new(product(id))
+}
+
+const VARIANTS: [&str; 9] = [
     "raw_moka_string",
     "raw_moka_u64",
     "tiered_get",
+    "tiered_cached",
+    "cached_crate_lru_ttl",
     "raw_redis_get",
     "tiered_l2_get",
     "raw_mget",
@@ -131,6 +152,28 @@ async fn run(variant: &str, reads: usize, sampler: Sampler) -> Duration {
                 hits +=
                     usize::from(black_box(cache.get(&keys[cursor.next_index()]).await).is_some());
             }
+        }
+        "tiered_cached" | "cached_crate_lru_ttl" => {
+            let ours = variant == "tiered_cached";
+            if ours {
+                tiered_cache::install(common::l1_only_cache().await).expect("installed once");
+            }
+            let read = |id: usize| async move {
+                if ours {
+                    tiered_cached(id as u64).await
+                } else {
+                    cached_crate_lru_ttl(id as u64).await
+                }
+            };
+            for i in 0..KEYS {
+                read(i).await;
+            }
+            started = Instant::now();
+            for _ in 0..reads {
+                black_box(read(cursor.next_index()).await);
+                hits += 1;
+            }
+            assert_eq!(LOADS.load(Relaxed), KEYS, "{variant}: a timed read loaded");
         }
         "raw_redis_get" | "tiered_l2_get" | "raw_mget" | "tiered_get_many" => {
             let server = tiered_cache::testkit::RedisServer::start().expect("redis-server");
