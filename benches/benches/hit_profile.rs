@@ -54,7 +54,7 @@ async fn cached_crate_lru_ttl(id: u64) -> Arc<Product> {
     Arc::new(product(id))
 }
 
-const VARIANTS: [&str; 9] = [
+const VARIANTS: [&str; 11] = [
     "raw_moka_string",
     "raw_moka_u64",
     "tiered_get",
@@ -64,6 +64,8 @@ const VARIANTS: [&str; 9] = [
     "tiered_l2_get",
     "raw_mget",
     "tiered_get_many",
+    "raw_set_publish",
+    "tiered_set",
 ];
 
 /// Keys per batch of the `raw_mget` and `tiered_get_many` variants, whose
@@ -174,6 +176,34 @@ async fn run(variant: &str, reads: usize, sampler: Sampler) -> Duration {
                 hits += 1;
             }
             assert_eq!(LOADS.load(Relaxed), KEYS, "{variant}: a timed read loaded");
+        }
+        "raw_set_publish" | "tiered_set" => {
+            // Sequential writes of one key: an instance's write, as the
+            // invalidation bench's writer makes it (L1 and backplane on),
+            // against SET + PUBLISH in one pipeline.
+            let server = tiered_cache::testkit::RedisServer::start().expect("redis-server");
+            let key = &keys[0];
+            let raw_key = common::raw_key(key);
+            let mut conn = common::raw_connection(&server.url()).await;
+            let cache = common::redis_cache(&server.url(), 64 << 20).await;
+            let opts = EntryOptions::new(Duration::from_secs(3600));
+            let bytes = common::product_bytes(0);
+            started = Instant::now();
+            for i in 0..reads {
+                if variant == "raw_set_publish" {
+                    let _: () = redis::pipe()
+                        .set(&raw_key, &bytes)
+                        .ignore()
+                        .publish("raw:invalidate", &raw_key)
+                        .ignore()
+                        .query_async(&mut conn)
+                        .await
+                        .expect("SET + PUBLISH");
+                } else {
+                    cache.set(key, product(i as u64), &opts).await.expect("set");
+                }
+                hits += 1;
+            }
         }
         "raw_redis_get" | "tiered_l2_get" | "raw_mget" | "tiered_get_many" => {
             let server = tiered_cache::testkit::RedisServer::start().expect("redis-server");

@@ -43,8 +43,13 @@ pub(super) fn unknown(e: &redis::RedisError) -> bool {
 }
 
 fn invocation(verb: &str, script: &str, keys: &[String], args: &[&[u8]]) -> Cmd {
-    let mut cmd = redis::cmd(verb);
-    cmd.arg(script).arg(keys.len()).arg(keys);
+    // Sized up front: a store's envelope would otherwise grow the buffer
+    // by reallocation, copying what came before each time.
+    let bytes = verb.len() + script.len() + 20;
+    let bytes = keys.iter().map(String::len).sum::<usize>() + bytes;
+    let bytes = args.iter().map(|arg| arg.len()).sum::<usize>() + bytes;
+    let mut cmd = Cmd::with_capacity(3 + keys.len() + args.len(), bytes);
+    cmd.arg(verb).arg(script).arg(keys.len()).arg(keys);
     for arg in args {
         cmd.arg(*arg);
     }
