@@ -251,16 +251,11 @@ impl Expiry<u64, Arc<L1Entry>> for PerEntryDeadline {
 impl L1 {
     pub(crate) fn new(max_bytes: u64, ttl_cap: Option<Duration>, admission: L1Admission) -> Self {
         let front = Arc::new(Front::new(max_bytes));
-        let evicted = Arc::clone(&front);
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_key: &u64, entry: &Arc<L1Entry>| entry.weight)
             .expire_after(PerEntryDeadline)
             .support_invalidation_closures()
-            // Whatever moka lets go of leaves the front too.
-            .eviction_listener(move |hash: Arc<u64>, entry: Arc<L1Entry>, _| {
-                evicted.forget(*hash, &entry);
-            })
             .build_with_hasher(BuildHasherDefault::default());
         let drops = Arc::new(Drops {
             many: AtomicU64::new(0),
@@ -321,8 +316,7 @@ impl L1 {
             return None; // another key with the same hash
         }
         let entry = self.checked(entry)?;
-        self.front
-            .offer(hash, generation, &entry, || self.cache.contains_key(&hash));
+        self.front.offer(hash, generation, &entry);
         Some(entry)
     }
 
@@ -850,7 +844,7 @@ mod tests {
                 "replace" => l1.replace("k", entry(&l1, "k")).await,
                 _ => assert!(l1.insert_since("k", entry(&l1, "k"), l1.ticket("k")).await),
             }
-            l1.front.offer(hash, generation, &read, || true);
+            l1.front.offer(hash, generation, &read);
             assert_eq!(l1.front.len(), 0, "{change}: the old entry was kept");
             let now = l1.get("k").await;
             assert!(
@@ -858,18 +852,31 @@ mod tests {
                 "{change}: the old entry was served"
             );
         }
-        // Nor when moka let go of it by itself (the offer asks moka).
+        // Nor when moka let go of it by itself in between: the front keeps
+        // it only while the reader does.
         l1.insert("k", entry(&l1, "k")).await;
         let Found::Miss(generation) = l1.front.get(hash, "k") else {
             panic!("emptied by the insert");
         };
         let read = l1.cache.get(&hash).await.expect("in moka");
-        l1.front.offer(hash, generation, &read, || false);
+        l1.cache.invalidate(&hash).await; // as an eviction would, not through L1
+        settle(&l1).await;
+        l1.front.offer(hash, generation, &read);
+        drop(read);
         assert_eq!(l1.front.len(), 0);
+        assert!(l1.get("k").await.is_none());
     }
 
-    /// What moka lets go of by itself (an expiry, a tag's sweep) leaves the
-    /// front as well, so the front holds no memory the bound does not count.
+    /// Runs moka's maintenance until what it removed is also let go of: it
+    /// frees a removed entry on the pass after the one that removed it.
+    async fn settle(l1: &L1) {
+        l1.cache.run_pending_tasks().await;
+        l1.cache.run_pending_tasks().await;
+    }
+
+    /// What moka lets go of by itself (an expiry, a tag's sweep, a size
+    /// eviction) leaves the front as well: the front keeps no value alive
+    /// that the bound no longer counts.
     #[tokio::test]
     async fn what_moka_lets_go_of_leaves_the_front() {
         let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
@@ -893,21 +900,39 @@ mod tests {
             ..Meta::default()
         };
         let ttl = Duration::from_secs(60);
-        l1.insert("swept", l1.entry("swept", Some(value), tagged, ttl, ttl, 4))
-            .await;
+        l1.insert(
+            "swept",
+            l1.entry("swept", Some(value.clone()), tagged, ttl, ttl, 4),
+        )
+        .await;
         in_front(&l1, "swept").await;
         l1.insert("k", entry(&l1, "k")).await;
         in_front(&l1, "k").await;
         assert_eq!(l1.front.len(), 3);
         l1.invalidate_tag("t", 2);
-        l1.cache.run_pending_tasks().await;
+        settle(&l1).await;
         assert!(!l1.front.holds(l1.hash("swept")), "swept");
         // moka's timer wheel removes what expired once its first level
         // (about 1.07 s) has turned; until then moka counts it in its bound.
         tokio::time::sleep(Duration::from_millis(1_200)).await;
-        l1.cache.run_pending_tasks().await;
+        settle(&l1).await;
         assert!(!l1.front.holds(l1.hash("gone")), "expired");
         assert!(l1.front.holds(l1.hash("k")), "untouched");
+        assert_eq!(Arc::strong_count(&value), 1, "a value kept alive");
+
+        // A size eviction: a small L1 given many more entries than it holds.
+        let small = L1::new(64 << 10, None, L1Admission::EveryRead);
+        small.insert("first", entry(&small, "first")).await;
+        in_front(&small, "first").await;
+        for i in 0..2_000 {
+            let key = format!("filler{i}");
+            small.insert(&key, entry(&small, &key)).await;
+        }
+        settle(&small).await;
+        if small.cache.get(&small.hash("first")).await.is_none() {
+            assert!(!small.front.holds(small.hash("first")), "evicted");
+        }
+        assert!(small.front.len() <= small.cache.entry_count() as usize);
     }
 
     /// Two keys in one slot: each read gets its own entry, and the slot

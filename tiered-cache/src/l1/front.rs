@@ -9,16 +9,19 @@
 //!
 //! **It never holds what moka dropped or replaced.** Every change L1 makes to
 //! a key (insert, replace, invalidate) empties the key's slot *after* moka has
-//! changed, a clear empties every slot, and moka's own removals (size
-//! eviction, expiry, tag sweeps) empty the slot through the eviction listener
-//! when it still holds the removed entry. A reader that found an entry in
+//! changed, and a clear empties every slot. A reader that found an entry in
 //! moka offers it with the slot's generation as it was *before* that moka
 //! read ([`Front::get`]); every emptying bumps the generation, so an entry
-//! read from moka before a drop cannot land here after it. The offer also
-//! checks, under the slot's lock, that moka still holds the key, so that an
-//! eviction between the read and the offer cannot leave an entry here that
-//! the bound no longer counts. Hits from here go through the same checks as
-//! moka's (the key, the tag floors and clears, the drop deadline).
+//! read from moka before a drop cannot land here after it. A slot keeps only
+//! a [`Weak`] reference: what moka lets go of by itself (size eviction,
+//! expiry, a tag's sweep) is gone from here as soon as no reader holds it,
+//! so the front keeps no value alive beyond L1's bound, and needs neither
+//! moka's eviction listener (which makes moka lock every key it inserts or
+//! removes) nor a check that moka still holds what is offered. What a slot
+//! can keep is the dead entry's own block (its value already freed), until
+//! the slot is emptied or taken: at most [`DEAD_BLOCK`] bytes per slot.
+//! Hits from here go through the same checks as moka's (the key, the tag
+//! floors and clears, the drop deadline).
 //!
 //! A hit here is an access moka does not see; every [`TOUCH_EVERY`]th hit of
 //! a slot is passed on to moka too, so that its eviction policy still counts
@@ -26,7 +29,7 @@
 //! second chance against a colliding key (CLOCK): one key read twice in a row
 //! from moka takes the slot only from one that was not read in between.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Instant;
 
 use super::L1Entry;
@@ -37,15 +40,23 @@ const TOUCH_EVERY: u8 = 32;
 /// The fewest and the most slots; between them, one per KiB of L1's bound
 /// (an entry weighs at least 160 bytes, so a full L1 holds at least six
 /// entries per slot). A slot is 24 bytes: the most is 3 MiB, for an L1 of
-/// 128 MiB or more. On Zipf(1.0) reads of 100k keys, 2^16 slots answered
+/// 128 MiB or more; with a dead block in every slot, at most a quarter of
+/// the bound. On Zipf(1.0) reads of 100k keys, 2^16 slots answered
 /// 88 % of reads and 2^17 92 % (a simulation of this table; every read
 /// the front misses costs a moka read and an offer).
 const MIN_SLOTS: usize = 64;
 const MAX_SLOTS: usize = 1 << 17;
 
+/// The most a slot can keep of an entry nobody holds: its `Arc` block.
+const DEAD_BLOCK: usize = std::mem::size_of::<L1Entry>() + 16;
+
+// With a dead block in every slot, a quarter of the bound (see `MAX_SLOTS`).
+const _: () = assert!(DEAD_BLOCK + 24 <= 1024 / 4);
+
 #[derive(Debug, Default)]
 struct Slot {
-    entry: Option<Arc<L1Entry>>,
+    /// Empty: `Weak::new()`, which points at nothing.
+    entry: Weak<L1Entry>,
     /// Bumped by every emptying of the slot.
     generation: u32,
     /// Hit since it came in or since a colliding key last asked for the slot.
@@ -89,96 +100,79 @@ impl Front {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The entry of `key` (whose L1 hash is `hash`) if this table holds it
-    /// and its drop deadline has not passed.
+    /// The entry of `key` (whose L1 hash is `hash`) if this table holds it,
+    /// someone (moka) still holds it, and its drop deadline has not passed.
     #[inline]
     pub(super) fn get(&self, hash: u64, key: &str) -> Found {
         let mut slot = self.slot(hash);
-        if let Some(entry) = &slot.entry {
-            if entry.key.is(key) && Instant::now() < entry.drop_at {
-                let entry = Arc::clone(entry);
-                slot.referenced = true;
-                slot.hits = slot.hits.wrapping_add(1);
-                let touch = slot.hits % TOUCH_EVERY == 0;
-                return Found::Hit { entry, touch };
-            }
+        let Some(entry) = slot.entry.upgrade() else {
+            return Found::Miss(slot.generation);
+        };
+        if !entry.key.is(key) || Instant::now() >= entry.drop_at {
+            let generation = slot.generation;
+            drop(slot);
+            drop(entry); // maybe the last reference: freed outside the lock
+            return Found::Miss(generation);
         }
-        Found::Miss(slot.generation)
+        slot.referenced = true;
+        slot.hits = slot.hits.wrapping_add(1);
+        let touch = slot.hits % TOUCH_EVERY == 0;
+        Found::Hit { entry, touch }
     }
 
     /// Offers `entry`, just read from moka under `hash`: kept unless the slot
-    /// was emptied since `generation` was read, its entry was hit since it
-    /// came in (then it only loses that mark), or `held` (moka still holds
-    /// the key; asked under the slot's lock) says no.
-    pub(super) fn offer(
-        &self,
-        hash: u64,
-        generation: u32,
-        entry: &Arc<L1Entry>,
-        held: impl FnOnce() -> bool,
-    ) {
+    /// was emptied since `generation` was read, or its live entry was hit
+    /// since it came in (then it only loses that mark).
+    pub(super) fn offer(&self, hash: u64, generation: u32, entry: &Arc<L1Entry>) {
         let mut slot = self.slot(hash);
         if slot.generation != generation {
             return;
         }
-        if slot.referenced && slot.entry.is_some() {
+        if slot.referenced && slot.entry.strong_count() > 0 {
             slot.referenced = false;
             return;
         }
-        if held() {
-            let old = slot.entry.replace(Arc::clone(entry));
-            slot.referenced = false;
-            drop(slot);
-            drop(old); // freed outside the lock
-        }
+        let old = std::mem::replace(&mut slot.entry, Arc::downgrade(entry));
+        slot.referenced = false;
+        drop(slot);
+        drop(old); // maybe a dead block's last reference: freed outside the lock
     }
 
     /// Empties the slot of `hash`, whatever it holds (see the module docs:
     /// after moka changed).
     pub(super) fn empty(&self, hash: u64) {
-        take(self.slot(hash), true);
-    }
-
-    /// Empties the slot of `hash` if it holds `removed`, which moka has just
-    /// let go of.
-    pub(super) fn forget(&self, hash: u64, removed: &Arc<L1Entry>) {
-        let slot = self.slot(hash);
-        if slot.entry.as_ref().is_some_and(|e| Arc::ptr_eq(e, removed)) {
-            take(slot, false);
-        }
+        take(self.slot(hash));
     }
 
     /// Empties every slot.
     pub(super) fn empty_all(&self) {
         for slot in self.slots.iter() {
-            take(slot.lock().unwrap_or_else(PoisonError::into_inner), true);
+            take(slot.lock().unwrap_or_else(PoisonError::into_inner));
         }
     }
 
-    /// Whether the slot of `hash` holds an entry.
+    /// Whether the slot of `hash` holds a live entry.
     #[cfg(test)]
     pub(super) fn holds(&self, hash: u64) -> bool {
-        self.slot(hash).entry.is_some()
+        self.slot(hash).entry.strong_count() > 0
     }
 
-    /// How many slots hold an entry.
+    /// How many slots hold a live entry.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.slots
             .iter()
-            .filter(|slot| slot.lock().unwrap().entry.is_some())
+            .filter(|slot| slot.lock().unwrap().entry.strong_count() > 0)
             .count()
     }
 }
 
-/// Empties a locked slot, bumping its generation when `bump` (an emptying
-/// that an offer read before it must not survive), and frees the entry after
-/// the lock is let go.
-fn take(mut slot: MutexGuard<'_, Slot>, bump: bool) {
-    if bump {
-        slot.generation = slot.generation.wrapping_add(1);
-    }
-    let old = slot.entry.take();
+/// Empties a locked slot and bumps its generation (an offer that read the
+/// slot before must not land after), freeing what it held after the lock is
+/// let go.
+fn take(mut slot: MutexGuard<'_, Slot>) {
+    slot.generation = slot.generation.wrapping_add(1);
+    let old = std::mem::take(&mut slot.entry);
     drop(slot);
     drop(old);
 }
