@@ -6,9 +6,11 @@
 //! **Read path.** An L1 hit returns an `Arc` of the decoded value: no copy,
 //! no decode. The hottest keys are answered from a small direct-mapped
 //! table in front of moka (a locked slot read instead of moka's lookup and
-//! its bookkeeping); every change to L1 empties the key's slot, so it holds
-//! only what moka holds. An L1 miss reads Redis and promotes the entry to L1 for its
-//! remaining TTL. A miss in both runs the loader once per key in this
+//! its bookkeeping); every change to L1 empties the key's slot, so it never
+//! serves a replaced or dropped value, and a slot's reference is weak, so it
+//! keeps nothing alive that moka let go of. An L1 miss reads Redis and
+//! promotes the entry to L1 for its remaining TTL. A miss in both runs the
+//! loader once per key in this
 //! process (single-flight); every concurrent caller gets its result or its
 //! error, and errors are never cached.
 //!
