@@ -695,3 +695,56 @@ async fn a_hot_key_follows_its_ttl_writes_and_invalidations() {
     cache.invalidate(&key(2)).await.unwrap();
     assert!(cache.get(&key(2)).await.is_none(), "invalidated");
 }
+
+/// Readers on two workers, while one writer overwrites a key 300 times:
+/// a read that starts after a write returned never gives an older value,
+/// whether it is answered by the front table, by moka, or by Redis with a
+/// promotion racing the write (the 5 ms L1 cap keeps L1 turning over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_read_after_a_write_returns_an_older_value() {
+    use std::sync::atomic::AtomicU64;
+    let server = server();
+    for (name, cap) in [("front", None), ("promote", Some(Duration::from_millis(5)))] {
+        let mut builder = builder_on(&server, name).require_l2(true);
+        if let Some(cap) = cap {
+            builder = builder.l1_ttl_cap(cap);
+        }
+        let cache = builder.build().await.unwrap();
+        let opts = EntryOptions::new(Duration::from_secs(300));
+        cache.set(&key(1), product(0), &opts).await.unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (cache, written, done) = (cache.clone(), written.clone(), done.clone());
+                tokio::spawn(async move {
+                    let mut reads = 0_u64;
+                    while done.load(Ordering::SeqCst) == 0 {
+                        let floor = written.load(Ordering::SeqCst);
+                        let got = cache.get(&key(1)).await.map(|p| p.id);
+                        assert!(
+                            got.is_some_and(|id| id >= floor),
+                            "read {got:?} after write {floor} returned"
+                        );
+                        reads += 1;
+                        tokio::task::yield_now().await;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for id in 1..=300 {
+            cache.set(&key(1), product(id), &opts).await.unwrap();
+            written.store(id, Ordering::SeqCst);
+        }
+        done.store(1, Ordering::SeqCst);
+        for reader in readers {
+            assert!(reader.await.unwrap() > 0, "{name}: a reader never read");
+        }
+        let stats = cache.stats();
+        assert!(stats.l1_hits > 300, "{name}: few L1 hits: {stats:?}");
+        if cap.is_some() {
+            assert!(stats.l2_hits > 0, "{name}: nothing was promoted: {stats:?}");
+        }
+    }
+}
