@@ -545,7 +545,7 @@ impl L1 {
         self.drops.many.fetch_add(1, SeqCst);
         self.cache.invalidate_all();
         // Its entries would be misses anyway (built before the clear); this
-        // lets go of their memory.
+        // lets go of the slots' references, dead blocks included, at once.
         self.front.empty_all();
         // No entry is left for a floor to hide, and entries added from now on
         // are judged against current tag versions first. Keeping the floors
