@@ -15,7 +15,7 @@ use crate::error::LoadError;
 use crate::events::Event;
 use crate::flight::Join;
 use crate::key::Key;
-use crate::l1::L1Entry;
+use crate::l1::{L1Entry, Looked};
 use crate::loader::{Load, Owned};
 use crate::options::EntryOptions;
 use tracing::Instrument;
@@ -106,9 +106,16 @@ impl TieredCache {
         // 1. L1.
         let mut lookup = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            if let Some(entry) = self.inner.tiers.l1_get(key.as_str()).await {
+            if let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key.as_str()).await {
                 let mut loader = Some(load_one(key));
-                match self.serve::<V, C, E, _>(key.as_str(), options, &entry, false, &mut loader) {
+                match self.serve_at::<V, C, E, _>(
+                    key.as_str(),
+                    options,
+                    &entry,
+                    now,
+                    false,
+                    &mut loader,
+                ) {
                     // Owned loaders refresh in the background: no `Refresh`.
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
                         self.inner.tiers.stats.record_at(Event::L1Hit, key.as_str());
@@ -196,8 +203,8 @@ impl TieredCache {
         match self.inner.flights.join::<Outcome<V, E>>(key) {
             Join::Leader(leader) => {
                 // A load of this key may have ended since the batch read L1.
-                if let Some(entry) = self.inner.tiers.l1_get(key).await {
-                    if entry.is_fresh(Instant::now()) {
+                if let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key).await {
+                    if entry.is_fresh(now) {
                         if let Some(hit @ Some(_)) = typed::<V>(&entry) {
                             self.inner.tiers.stats.record_at(Event::L1Hit, key);
                             leader.finish::<Outcome<V, E>>(Ok(hit.clone()));

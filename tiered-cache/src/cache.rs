@@ -20,11 +20,11 @@ use crate::events;
 use crate::fleet::{FleetWaits, Turn};
 use crate::flight::{Flights, Join, Leader};
 use crate::key::Key;
-use crate::l1::{AnyValue, L1Entry};
+use crate::l1::{AnyValue, L1Entry, Looked};
 use crate::limit::LoadLimit;
 use crate::loader::{Load, Owned, Scoped};
 use crate::options::EntryOptions;
-use crate::refresh::early_refresh_due;
+use crate::refresh::{early_refresh_due, near_expiry};
 use crate::stats::StatsSnapshot;
 use crate::tags::EPOCH_TAG;
 use crate::tiers::{prepare, typed, Committed, L1Lookup, Origin, Tiers};
@@ -515,15 +515,12 @@ impl TieredCache {
         E: Send + Sync + 'static,
         L: Load<V, E>,
     {
-        let Some(entry) = self.inner.tiers.l1_get(key).await else {
+        let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key).await else {
             return FromL1::Go(None);
         };
-        match self.serve::<V, C, E, L>(key, options, &entry, negatives, loader) {
+        match self.serve_at::<V, C, E, L>(key, options, &entry, now, negatives, loader) {
             Served::Hit(hit) => {
-                if hit.is_some() {
-                    self.inner.tiers.stats.record_at(events::Event::L1Hit, key);
-                }
-                events::answered("l1");
+                self.l1_answered(key, &hit);
                 FromL1::Done(Ok(hit))
             }
             Served::Refresh(leader, hit) => FromL1::Done(
@@ -672,27 +669,80 @@ impl TieredCache {
         E: Send + Sync + 'static,
         L: Load<V, E>,
     {
+        self.serve_at::<V, C, E, L>(key, options, entry, Instant::now(), negatives, loader)
+    }
+
+    /// [`serve`](Self::serve) judged at `now` (when L1 looked at `entry`).
+    #[inline]
+    pub(crate) fn serve_at<V, C, E, L>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        entry: &Arc<L1Entry>,
+        now: Instant,
+        negatives: bool,
+        loader: &mut Option<L>,
+    ) -> Served<V>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+        E: Send + Sync + 'static,
+        L: Load<V, E>,
+    {
+        let value = match self.judge::<V>(options, entry, now, negatives) {
+            Judged::Fresh(value) => value,
+            Judged::NearExpiry(value) => {
+                let beta = options.beta(&self.inner.defaults);
+                if early_refresh_due(now, entry.fresh_until, entry.xfetch_delta(), beta) {
+                    if let Some(refresh) =
+                        self.early_refresh::<V, C, E, L>(key, options, entry, loader)
+                    {
+                        return refresh;
+                    }
+                }
+                value
+            }
+            Judged::Stale => return Served::Stale,
+            Judged::Miss => return Served::Miss,
+        };
+        self.count_served(key, entry, &value);
+        Served::Hit(value)
+    }
+
+    /// What `entry` is worth at `now`, before any refresh is started: no
+    /// side effects, so a caller may look and go another way.
+    #[inline]
+    fn judge<V: Send + Sync + 'static>(
+        &self,
+        options: &EntryOptions,
+        entry: &L1Entry,
+        now: Instant,
+        negatives: bool,
+    ) -> Judged<V> {
         let Some(value) = typed::<V>(entry) else {
-            return Served::Miss;
+            return Judged::Miss;
         };
         if value.is_none() && !negatives {
-            return Served::Miss;
+            return Judged::Miss;
         }
-        let now = Instant::now();
         if !entry.is_fresh(now) {
             return if value.is_some() && entry.in_grace(now) {
-                Served::Stale
+                Judged::Stale
             } else {
-                Served::Miss
+                Judged::Miss
             };
         }
         let beta = options.beta(&self.inner.defaults);
-        let delta = Duration::from_micros(u64::from(entry.meta.load_micros));
-        if entry.may_refresh(now) && early_refresh_due(now, entry.fresh_until, delta, beta) {
-            if let Some(refresh) = self.early_refresh::<V, C, E, L>(key, options, entry, loader) {
-                return refresh;
-            }
+        if near_expiry(now, entry.fresh_until, entry.xfetch_delta(), beta) && entry.may_refresh(now)
+        {
+            return Judged::NearExpiry(value);
         }
+        Judged::Fresh(value)
+    }
+
+    /// Counts a hit on `entry` that is being served.
+    #[inline]
+    fn count_served<V>(&self, key: &str, entry: &L1Entry, value: &Option<Arc<V>>) {
         if value.is_none() {
             self.inner
                 .tiers
@@ -702,8 +752,48 @@ impl TieredCache {
         if entry.failsafe {
             self.inner.tiers.stats.record(events::Event::StaleServed);
         }
-        Served::Hit(value)
     }
+
+    /// The answer of a `#[cached]` call when L1 alone gives it: a fresh
+    /// entry, not near its expiry (where XFetch may refresh it). `None`
+    /// sends the call down the whole read path, which looks again; this
+    /// path builds neither the call's `Key` nor its loader, and so answers
+    /// the common hit without allocating.
+    #[inline]
+    pub(crate) async fn plain_l1_hit<V: Send + Sync + 'static>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        negatives: bool,
+    ) -> Option<Option<Arc<V>>> {
+        let Looked { entry, now } = self.inner.tiers.l1_look(key).await?;
+        let Judged::Fresh(value) = self.judge::<V>(options, &entry, now, negatives) else {
+            return None;
+        };
+        self.count_served(key, &entry, &value);
+        self.l1_answered(key, &value);
+        Some(value)
+    }
+
+    /// Counts an answer from L1.
+    #[inline]
+    fn l1_answered<V>(&self, key: &str, value: &Option<Arc<V>>) {
+        if value.is_some() {
+            self.inner.tiers.stats.record_at(events::Event::L1Hit, key);
+        }
+        events::answered("l1");
+    }
+}
+
+/// What an entry found in a tier is worth (see [`TieredCache::judge`]).
+enum Judged<V> {
+    /// Fresh and far from its expiry: a hit.
+    Fresh(Option<Arc<V>>),
+    /// Fresh, but near enough to its expiry that XFetch draws for a refresh.
+    NearExpiry(Option<Arc<V>>),
+    /// Past its freshness, inside its grace window: a fallback.
+    Stale,
+    Miss,
 }
 
 /// What a tier's entry means for a loading read.

@@ -34,11 +34,7 @@ impl<V, C: Codec> Key<V, C> {
     /// A key for `entity` at schema `version`, with no arguments yet.
     pub fn new(entity: &str, version: u32) -> Self {
         let mut body = String::with_capacity(entity.len() + 24);
-        body.push('{');
-        escape_into(&mut body, entity);
-        body.push_str(":v");
-        push_decimal(&mut body, u64::from(version), false);
-        body.push('}');
+        begin(&mut body, entity, version);
         Key {
             body,
             _value: PhantomData,
@@ -53,34 +49,234 @@ impl<V, C: Codec> Key<V, C> {
 
     /// Appends one argument (its `Display` form) in place.
     pub fn push_arg(&mut self, arg: impl fmt::Display) {
-        self.body.pop(); // the closing brace, put back below
-        self.body.push(':');
-        let start = self.body.len();
-        let _ = write!(EscapingWriter(&mut self.body), "{arg}");
-        if self.body.len() == start {
-            self.body.push('%');
-        }
-        self.body.push('}');
+        push_arg(&mut self.body, arg);
     }
 
     /// Appends an integer argument: the same part as [`Key::push_arg`]
-    /// writes for it (its decimal form needs no escaping), without going
-    /// through `fmt`. The `#[cached]` macro uses it for integer parts.
+    /// writes for it, without going through `fmt`. The `#[cached]` macro
+    /// uses it for integer parts.
     pub(crate) fn push_integer(&mut self, magnitude: u64, negative: bool) {
-        self.body.pop(); // the closing brace
-        self.body.push(':');
-        push_decimal(&mut self.body, magnitude, negative);
-        self.body.push('}');
+        push_integer(&mut self.body, magnitude, negative);
     }
+}
+
+impl<V> Key<V> {
+    /// The key whose body is `body`, as [`KeyDraft`] wrote it.
+    pub(crate) fn from_body(body: String) -> Self {
+        Key {
+            body,
+            _value: PhantomData,
+        }
+    }
+}
+
+/// Where a key's body is written: a [`Key`]'s `String`, or the stack
+/// buffer of a [`KeyDraft`]. Both get the same bytes from the functions
+/// below, which are the one definition of the encoding.
+pub(crate) trait KeyText {
+    fn push_str(&mut self, s: &str);
+    /// Appends one ASCII byte (a separator).
+    fn push_ascii(&mut self, byte: u8);
+    /// Removes the last byte (the closing brace, before a new part).
+    fn pop_byte(&mut self);
+    fn text_len(&self) -> usize;
+}
+
+impl KeyText for String {
+    #[inline]
+    fn push_str(&mut self, s: &str) {
+        String::push_str(self, s);
+    }
+
+    #[inline]
+    fn push_ascii(&mut self, byte: u8) {
+        self.push(char::from(byte));
+    }
+
+    #[inline]
+    fn pop_byte(&mut self) {
+        self.pop();
+    }
+
+    #[inline]
+    fn text_len(&self) -> usize {
+        self.len()
+    }
+}
+
+/// `{entity:v{version}}`.
+#[inline]
+pub(crate) fn begin(out: &mut impl KeyText, entity: &str, version: u32) {
+    out.push_ascii(b'{');
+    escape_into(out, entity);
+    out.push_str(":v");
+    push_decimal(out, u64::from(version), false);
+    out.push_ascii(b'}');
+}
+
+/// Appends one part: its `Display` form, escaped (`%` when empty).
+pub(crate) fn push_arg(out: &mut impl KeyText, arg: impl fmt::Display) {
+    out.pop_byte(); // the closing brace, put back below
+    out.push_ascii(b':');
+    let start = out.text_len();
+    let _ = write!(EscapingWriter(out), "{arg}");
+    if out.text_len() == start {
+        out.push_ascii(b'%');
+    }
+    out.push_ascii(b'}');
+}
+
+/// Appends an integer part: the same text as [`push_arg`] writes for it
+/// (its decimal form needs no escaping), without going through `fmt`.
+#[inline]
+pub(crate) fn push_integer(out: &mut impl KeyText, magnitude: u64, negative: bool) {
+    out.pop_byte(); // the closing brace
+    out.push_ascii(b':');
+    push_decimal(out, magnitude, negative);
+    out.push_ascii(b'}');
 }
 
 /// Writes `magnitude` in decimal, after a `-` when `negative`: what
 /// `Display` writes for an integer.
-fn push_decimal(out: &mut String, magnitude: u64, negative: bool) {
+#[inline]
+fn push_decimal(out: &mut impl KeyText, magnitude: u64, negative: bool) {
     if negative {
-        out.push('-');
+        out.push_ascii(b'-');
     }
     out.push_str(itoa::Buffer::new().format(magnitude));
+}
+
+/// Bytes a [`KeyDraft`] holds on the stack; a longer key moves to a
+/// `String`. A `#[cached]` key is `{module::path::function:vN:args}`.
+const DRAFT_BYTES: usize = 96;
+
+/// A key's body written on the stack: what a `#[cached]` call builds
+/// first, so that an L1 hit allocates nothing; it becomes a [`Key`] only
+/// when the call goes past L1. For generated code (`__private`) only.
+#[doc(hidden)]
+pub struct KeyDraft<V> {
+    text: DraftText,
+    _value: PhantomData<fn() -> V>,
+}
+
+enum DraftText {
+    Stack {
+        len: usize,
+        bytes: [u8; DRAFT_BYTES],
+    },
+    Heap(String),
+}
+
+impl<V> KeyDraft<V> {
+    /// A draft for `entity` at `version`, with no arguments yet.
+    #[inline]
+    pub(crate) fn new(entity: &str, version: u32) -> Self {
+        let mut draft = KeyDraft {
+            text: DraftText::Stack {
+                len: 0,
+                bytes: [0; DRAFT_BYTES],
+            },
+            _value: PhantomData,
+        };
+        begin(&mut draft.text, entity, version);
+        draft
+    }
+
+    /// Appends an integer part (see [`push_integer`]).
+    #[inline]
+    pub(crate) fn push_integer(&mut self, magnitude: u64, negative: bool) {
+        push_integer(&mut self.text, magnitude, negative);
+    }
+
+    /// Appends a part (see [`push_arg`]).
+    pub(crate) fn push_arg(&mut self, arg: impl fmt::Display) {
+        push_arg(&mut self.text, arg);
+    }
+
+    /// The body so far: `None` only if it were not UTF-8, which whole
+    /// `&str` pieces cannot make.
+    #[inline]
+    pub(crate) fn as_str(&self) -> Option<&str> {
+        match &self.text {
+            DraftText::Stack { len, bytes } => std::str::from_utf8(&bytes[..*len]).ok(),
+            DraftText::Heap(body) => Some(body),
+        }
+    }
+
+    /// The [`Key`] of this body.
+    pub(crate) fn into_key(self) -> Key<V> {
+        Key::from_body(match self.text {
+            DraftText::Stack { len, bytes } => String::from_utf8_lossy(&bytes[..len]).into_owned(),
+            DraftText::Heap(body) => body,
+        })
+    }
+}
+
+impl KeyText for DraftText {
+    #[inline]
+    fn push_str(&mut self, s: &str) {
+        if let DraftText::Stack { len, bytes } = self {
+            if let Some(room) = bytes.get_mut(*len..*len + s.len()) {
+                room.copy_from_slice(s.as_bytes());
+                *len += s.len();
+                return;
+            }
+        }
+        self.push_str_past_stack(s);
+    }
+
+    #[inline]
+    fn push_ascii(&mut self, byte: u8) {
+        if let DraftText::Stack { len, bytes } = self {
+            if let Some(slot) = bytes.get_mut(*len) {
+                *slot = byte;
+                *len += 1;
+                return;
+            }
+        }
+        self.push_str_past_stack(char::from(byte).encode_utf8(&mut [0; 4]));
+    }
+
+    #[inline]
+    fn pop_byte(&mut self) {
+        match self {
+            DraftText::Stack { len, .. } => *len = len.saturating_sub(1),
+            DraftText::Heap(body) => {
+                body.pop();
+            }
+        }
+    }
+
+    #[inline]
+    fn text_len(&self) -> usize {
+        match self {
+            DraftText::Stack { len, .. } => *len,
+            DraftText::Heap(body) => body.len(),
+        }
+    }
+}
+
+impl DraftText {
+    /// Appends `s` to a draft on the heap, moving it there if `s` does not
+    /// fit on the stack.
+    #[cold]
+    fn push_str_past_stack(&mut self, s: &str) {
+        match self {
+            DraftText::Stack { len, bytes } => {
+                let mut body = String::with_capacity(2 * DRAFT_BYTES + s.len());
+                body.push_str(&String::from_utf8_lossy(&bytes[..*len]));
+                body.push_str(s);
+                *self = DraftText::Heap(body);
+            }
+            DraftText::Heap(body) => body.push_str(s),
+        }
+    }
+}
+
+impl<V> fmt::Debug for KeyDraft<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("KeyDraft").field(&self.as_str()).finish()
+    }
 }
 
 impl<V, C> Key<V, C> {
@@ -128,7 +324,8 @@ impl<V, C> fmt::Display for Key<V, C> {
 /// Escapes `%`, `:`, `{` and `}` as `%XX` so a part never contains a separator.
 /// Runs between separators are copied whole: the four are ASCII, so each
 /// byte index where one sits is a char boundary.
-pub(crate) fn escape_into(out: &mut String, part: &str) {
+#[inline]
+pub(crate) fn escape_into(out: &mut impl KeyText, part: &str) {
     let mut copied = 0;
     for (at, byte) in part.bytes().enumerate() {
         let escaped = match byte {
@@ -145,9 +342,9 @@ pub(crate) fn escape_into(out: &mut String, part: &str) {
     out.push_str(&part[copied..]);
 }
 
-struct EscapingWriter<'a>(&'a mut String);
+struct EscapingWriter<'a, T: KeyText>(&'a mut T);
 
-impl fmt::Write for EscapingWriter<'_> {
+impl<T: KeyText> fmt::Write for EscapingWriter<'_, T> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         escape_into(self.0, s);
         Ok(())
@@ -213,7 +410,65 @@ mod tests {
         assert_eq!(Key::<u8>::new("e", 0).as_str(), "{e:v0}");
     }
 
+    /// The buffer's edge: a key of exactly its size stays on the stack,
+    /// one byte more moves it to a `String`, and both read back whole.
+    #[test]
+    fn a_draft_spills_past_its_buffer_whole() {
+        let head = Key::<u8>::new("e", 1).as_str().len(); // "{e:v1}"
+        for extra in [0, 1, 2, DRAFT_BYTES] {
+            // ":" and the part go before the closing brace.
+            let part = "x".repeat((DRAFT_BYTES - head - 1) + extra);
+            let mut draft = KeyDraft::<u8>::new("e", 1);
+            draft.push_arg(&part);
+            let on_stack = matches!(draft.text, DraftText::Stack { .. });
+            assert_eq!(on_stack, extra == 0, "extra {extra}");
+            let key = Key::<u8>::new("e", 1).arg(&part);
+            assert_eq!(draft.as_str(), Some(key.as_str()));
+            assert_eq!(draft.into_key(), key);
+        }
+    }
+
+    /// A part of either kind, pushed to a key and to a draft alike.
+    #[derive(Debug, Clone)]
+    enum TestPart {
+        Text(String),
+        Integer(u64, bool),
+    }
+
+    fn test_part() -> impl Strategy<Value = TestPart> {
+        prop_oneof![
+            "[:{}%a-c\\u{e9}\\u{1F600}]{0,40}".prop_map(TestPart::Text),
+            (any::<u64>(), any::<bool>()).prop_map(|(m, n)| TestPart::Integer(m, n)),
+        ]
+    }
+
     proptest! {
+        /// A draft writes a key's exact text, on the stack or, past its
+        /// buffer, in a `String`, and becomes that key.
+        #[test]
+        fn a_draft_writes_the_keys_text(
+            entity in "[:{}%a-z\\u{1F600}]{0,60}",
+            version in any::<u32>(),
+            parts in proptest::collection::vec(test_part(), 0..6),
+        ) {
+            let mut key = Key::<u8>::new(&entity, version);
+            let mut draft = KeyDraft::<u8>::new(&entity, version);
+            for part in &parts {
+                match part {
+                    TestPart::Text(text) => {
+                        key.push_arg(text);
+                        draft.push_arg(text);
+                    }
+                    TestPart::Integer(magnitude, negative) => {
+                        key.push_integer(*magnitude, *negative);
+                        draft.push_integer(*magnitude, *negative);
+                    }
+                }
+            }
+            prop_assert_eq!(draft.as_str(), Some(key.as_str()));
+            prop_assert_eq!(draft.into_key(), key);
+        }
+
         #[test]
         fn escaping_matches_char_by_char(part in "[:{}%a-c\\u{e9}\\u{1F600}]{0,12}") {
             let mut fast = String::new();

@@ -54,9 +54,12 @@ pub(crate) type AnyValue = Arc<dyn Any + Send + Sync>;
 
 /// One L1 entry: the decoded value (or a cached `None`) and its metadata.
 ///
-/// `repr(C)` keeps what a hit reads (the value, the check stamp, the
-/// freshness, the fail-safe flag, the key) in the first two cache lines of
-/// the allocation, next to the `Arc`'s counts, which a hit touches anyway.
+/// `repr(C)`, in the order a hit reads them: the value, the check stamp,
+/// the freshness, the fail-safe flag and XFetch's delta in the first 64
+/// bytes (after the `Arc`'s counts, which a hit touches anyway), then the
+/// key and the drop deadline in the next 64; what only writes, refreshes
+/// and sweeps read comes after. A hit far from its expiry reads nothing
+/// past the first 128 bytes of the allocation.
 #[derive(Debug)]
 #[repr(C)]
 pub(crate) struct L1Entry {
@@ -71,19 +74,28 @@ pub(crate) struct L1Entry {
     /// A stale value kept "fresh" for a short while after a failed refresh
     /// (the fail-safe throttle): hits on it are counted as stale served.
     pub(crate) failsafe: bool,
+    /// `meta.load_micros` (XFetch's delta), kept here with what a hit reads.
+    delta_micros: u32,
     /// The key it was stored under (moka's key is only its hash).
     key: FullKey,
+    /// When moka drops the entry: the end of the grace window, or the L1 cap.
+    pub(crate) drop_at: Instant,
     pub(crate) weight: u32,
     /// How many times L1 had been cleared when the entry was built.
     clears: u64,
-    /// When moka drops the entry: the end of the grace window, or the L1 cap.
-    pub(crate) drop_at: Instant,
     /// No early refresh starts before this: set after a refresh failed, so
     /// a failing loader is tried at most once per throttle period.
     pub(crate) refresh_after: Option<Instant>,
     /// When the entry was built (a failsafe copy keeps its original's).
     built: Instant,
     pub(crate) meta: Meta,
+}
+
+/// What [`L1::look`] found: an entry, and when it was looked at.
+#[derive(Debug)]
+pub(crate) struct Looked {
+    pub(crate) entry: Arc<L1Entry>,
+    pub(crate) now: Instant,
 }
 
 /// Keys up to this many bytes are kept inside the entry, so checking a hit
@@ -164,6 +176,12 @@ impl L1Entry {
     /// a stale answer.
     pub(crate) fn in_grace(&self, now: Instant) -> bool {
         now < self.drop_at
+    }
+
+    /// How long the value's last load took: XFetch's delta.
+    #[inline]
+    pub(crate) fn xfetch_delta(&self) -> Duration {
+        Duration::from_micros(u64::from(self.delta_micros))
     }
 
     /// Whether an early refresh may start now: not on a fail-safe copy (its
@@ -301,13 +319,22 @@ impl L1 {
 
     #[inline]
     pub(crate) async fn get(&self, key: &str) -> Option<Arc<L1Entry>> {
+        self.look(key).await.map(|looked| looked.entry)
+    }
+
+    /// The entry of `key`, and the instant it was looked at: a front hit
+    /// has read the clock for the drop deadline already, and the read path
+    /// judges freshness at that same instant instead of reading it again.
+    #[inline]
+    pub(crate) async fn look(&self, key: &str) -> Option<Looked> {
         let hash = self.hash(key);
         let generation = match self.front.get(hash, key) {
-            Found::Hit { entry, touch } => {
+            Found::Hit { entry, touch, now } => {
                 if touch {
                     self.touch(hash).await;
                 }
-                return self.checked(entry);
+                let entry = self.checked(entry)?;
+                return Some(Looked { entry, now });
             }
             Found::Miss(generation) => generation,
         };
@@ -317,7 +344,10 @@ impl L1 {
         }
         let entry = self.checked(entry)?;
         self.front.offer(hash, generation, &entry);
-        Some(entry)
+        Some(Looked {
+            entry,
+            now: Instant::now(),
+        })
     }
 
     /// A front hit passed on to moka, so that it counts the key as read.
@@ -375,6 +405,7 @@ impl L1 {
             value,
             fresh_until,
             drop_at: later(now, keep_for),
+            delta_micros: meta.load_micros,
             meta,
             weight,
             failsafe: false,
@@ -403,6 +434,7 @@ impl L1 {
             value: entry.value.clone(),
             fresh_until: if stale { retry_at } else { entry.fresh_until },
             drop_at: entry.drop_at,
+            delta_micros: entry.delta_micros,
             meta: entry.meta.clone(),
             weight: entry.weight,
             failsafe: stale || entry.failsafe,
@@ -429,6 +461,7 @@ impl L1 {
             value,
             fresh_until: later(now, fresh_for.min(keep_for)),
             drop_at: later(now, keep_for),
+            delta_micros: meta.load_micros,
             meta,
             weight: 0,
             failsafe: false,
@@ -603,6 +636,21 @@ mod tests {
         let value: AnyValue = Arc::new(1_u32);
         let ttl = Duration::from_secs(60);
         l1.entry(key, Some(value), Meta::default(), ttl, ttl, 4)
+    }
+
+    /// The layout the struct's docs promise: counted from the start of the
+    /// `Arc`'s block (its two counts come first), what a hit reads ends
+    /// within 64 bytes, then the key and the drop deadline within 128.
+    #[test]
+    fn what_a_hit_reads_is_in_the_first_two_cache_lines() {
+        use std::mem::{offset_of, size_of};
+        let counts = 2 * size_of::<usize>();
+        let end = |offset: usize, size: usize| counts + offset + size;
+        assert!(end(offset_of!(L1Entry, delta_micros), 4) <= 64);
+        assert!(end(offset_of!(L1Entry, failsafe), 1) <= 64);
+        assert!(end(offset_of!(L1Entry, fresh_until), size_of::<Instant>()) <= 64);
+        assert!(end(offset_of!(L1Entry, drop_at), size_of::<Instant>()) <= 128);
+        assert!(end(offset_of!(L1Entry, key), size_of::<FullKey>()) <= 128);
     }
 
     #[tokio::test]

@@ -43,17 +43,36 @@ pub(crate) fn early_refresh_due(
     delta: Duration,
     beta: f64,
 ) -> bool {
-    if beta <= 0.0 || delta.is_zero() {
+    let Some((remaining, scale)) = refresh_window(now, fresh_until, delta, beta) else {
         return false;
-    }
-    let remaining = fresh_until.saturating_duration_since(now).as_secs_f64();
-    let scale = delta.as_secs_f64() * beta;
-    if remaining > scale * CUTOFF {
-        return false;
-    }
+    };
     let draw: f64 = rand::random::<f64>();
     // ln(0) is -inf: a certain refresh, which is XFetch's limit anyway.
     scale * -draw.ln() >= remaining
+}
+
+/// Whether a hit at `now` is near enough to the expiry for XFetch's draw
+/// (within `delta * beta * CUTOFF`): further away, no refresh can be due
+/// and none is drawn for.
+#[inline]
+pub(crate) fn near_expiry(now: Instant, fresh_until: Instant, delta: Duration, beta: f64) -> bool {
+    refresh_window(now, fresh_until, delta, beta).is_some()
+}
+
+/// The seconds left and XFetch's scale, when the draw is to be made.
+#[inline]
+fn refresh_window(
+    now: Instant,
+    fresh_until: Instant,
+    delta: Duration,
+    beta: f64,
+) -> Option<(f64, f64)> {
+    if beta <= 0.0 || delta.is_zero() {
+        return None;
+    }
+    let remaining = fresh_until.saturating_duration_since(now).as_secs_f64();
+    let scale = delta.as_secs_f64() * beta;
+    (remaining <= scale * CUTOFF).then_some((remaining, scale))
 }
 
 impl TieredCache {

@@ -13,7 +13,7 @@ use crate::entry::{self, Meta};
 use crate::error::Error;
 use crate::events::Event;
 use crate::events::LogLimit;
-use crate::l1::{later, AnyValue, L1Entry, Ticket, L1};
+use crate::l1::{later, AnyValue, L1Entry, Looked, Ticket, L1};
 use crate::l2::{Announcement, Besides, L2Fault, LockToken, Stored, Versioned, Write, L2};
 use crate::options::Resolved;
 use crate::stats::Stats;
@@ -606,14 +606,14 @@ impl Tiers {
         let Some(l1) = &self.l1 else {
             return L1Lookup::Miss;
         };
-        let Some(entry) = l1.get(key).await else {
+        let Some(Looked { entry, now }) = l1.look(key).await else {
             return L1Lookup::Miss;
         };
         if entry.failsafe {
             self.stats.record_at(Event::Miss, key);
             return L1Lookup::FailSafe;
         }
-        if !entry.is_fresh(Instant::now()) {
+        if !entry.is_fresh(now) {
             return L1Lookup::Miss;
         }
         match self.typed_hit::<V>(key, &entry) {
@@ -631,9 +631,15 @@ impl Tiers {
 
     #[inline]
     pub(crate) async fn l1_get(&self, key: &str) -> Option<Arc<L1Entry>> {
+        self.l1_look(key).await.map(|looked| looked.entry)
+    }
+
+    /// [`l1_get`](Self::l1_get) with the instant L1 looked at the entry.
+    #[inline]
+    pub(crate) async fn l1_look(&self, key: &str) -> Option<Looked> {
         match (&self.l1, &self.failsafe_only) {
-            (Some(l1), _) => l1.get(key).await,
-            (None, Some(copies)) => copies.get(key).await,
+            (Some(l1), _) => l1.look(key).await,
+            (None, Some(copies)) => copies.look(key).await,
             (None, None) => None,
         }
     }

@@ -263,6 +263,70 @@ async fn the_key_builder_invalidates_one_entry() {
     assert_eq!(KEYED_CALLS.load(SeqCst), 3, "only id 1 was invalidated");
 }
 
+static LONG_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(key = "long:{name}:{id}", cache = cache)]
+async fn long_keyed(cache: &TieredCache, name: &str, id: u64) -> String {
+    LONG_CALLS.fetch_add(1, SeqCst);
+    format!("{name}/{id}")
+}
+
+/// A call writes its key on the stack and moves it to the heap when it is
+/// long: either way the entry is the companion's key, hits, and goes with
+/// an invalidation of that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_and_long_keys_are_the_companions_keys() {
+    let (_server, cache) = setup().await;
+    let long = "a:b{c}%".repeat(40); // escaped, ~400 bytes
+    for (name, calls_before) in [("short", 0), (long.as_str(), 1)] {
+        let key = long_keyed_key(name, 7);
+        let want = format!("{name}/7");
+        assert_eq!(long_keyed(&cache, name, 7).await, want);
+        assert_eq!(long_keyed(&cache, name, 7).await, want, "a hit");
+        assert_eq!(LONG_CALLS.load(SeqCst), calls_before + 1);
+        assert_eq!(cache.get(&key).await.as_deref(), Some(&want));
+        cache.invalidate(&key).await.unwrap();
+        assert_eq!(long_keyed(&cache, name, 7).await, want);
+        assert_eq!(LONG_CALLS.load(SeqCst), calls_before + 2, "invalidated");
+        // Count from here for the next key.
+        LONG_CALLS.store(calls_before + 1, SeqCst);
+    }
+    assert!(long_keyed_key(&long, 7).as_str().len() > 300);
+}
+
+// ---------------------------------------------------------------- XFetch
+
+static HOT_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(key = "hot:{id}", ttl = "400ms", early_refresh = 50.0, cache = cache)]
+async fn hot(cache: &TieredCache, id: u64) -> String {
+    let n = HOT_CALLS.fetch_add(1, SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    format!("{id}/v{n}")
+}
+
+/// Hits on a `#[cached]` function near its expiry still draw for XFetch's
+/// early refresh (the hit that answers from L1 alone steps aside there):
+/// the entry is reloaded before it expires, and only the first call missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfetch_refreshes_a_cached_function_before_it_expires() {
+    let (_server, cache) = setup().await;
+    assert_eq!(hot(&cache, 1).await, "1/v0");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(350);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        seen.push(hot(&cache, 1).await);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let stats = cache.stats();
+    assert!(stats.early_refreshes >= 1, "no early refresh: {stats:?}");
+    assert!(
+        seen.iter().any(|v| v != "1/v0"),
+        "the refreshed value was served: {seen:?}"
+    );
+    assert_eq!(stats.misses, 1, "only the first call missed: {stats:?}");
+}
+
 // ---------------------------------------------------------------- methods
 
 static METHOD_CALLS: AtomicUsize = AtomicUsize::new(0);

@@ -66,9 +66,13 @@ struct Slot {
 
 /// What [`Front::get`] found.
 pub(super) enum Found {
-    /// The key's entry, not past its drop deadline. `touch`: pass this hit
-    /// on to moka.
-    Hit { entry: Arc<L1Entry>, touch: bool },
+    /// The key's entry, not past its drop deadline at `now`. `touch`: pass
+    /// this hit on to moka.
+    Hit {
+        entry: Arc<L1Entry>,
+        touch: bool,
+        now: Instant,
+    },
     /// Not here; offer what moka has with this generation.
     Miss(u32),
 }
@@ -108,7 +112,8 @@ impl Front {
         let Some(entry) = slot.entry.upgrade() else {
             return Found::Miss(slot.generation);
         };
-        if !entry.key.is(key) || Instant::now() >= entry.drop_at {
+        let now = Instant::now();
+        if !entry.key.is(key) || now >= entry.drop_at {
             let generation = slot.generation;
             drop(slot);
             drop(entry); // maybe the last reference: freed outside the lock
@@ -117,7 +122,7 @@ impl Front {
         slot.referenced = true;
         slot.hits = slot.hits.wrapping_add(1);
         let touch = slot.hits % TOUCH_EVERY == 0;
-        Found::Hit { entry, touch }
+        Found::Hit { entry, touch, now }
     }
 
     /// Offers `entry`, just read from moka under `hash`: kept unless the slot

@@ -11,6 +11,7 @@ use core::convert::Infallible;
 
 use super::share::Share;
 use crate::flight::{Join, Leader};
+use crate::key::KeyDraft;
 use crate::{EntryOptions, Key, LoadError, TieredCache};
 
 /// What a body yields to the read path: `Arc<V>` (always cached) or
@@ -171,6 +172,10 @@ struct Failed<E>(Option<E>);
 /// The entry point of generated code: the cached answer for `key`, or the
 /// answer of `body` run as its loader through [`TieredCache::load_inline`].
 ///
+/// `key` comes as a draft on the stack: a fresh L1 hit that needs no
+/// refresh is answered from it directly, and only a call that goes on
+/// builds the [`Key`] (the same text).
+///
 /// `share` copies a failed load's error for the callers that waited on it
 /// (from [`ErrorShare`](super::ErrorShare); `None` when it cannot be
 /// copied). `Ok` answers are cached as [`Returns`] says, errors never.
@@ -197,7 +202,7 @@ struct Failed<E>(Option<E>);
 /// key at a time, not one per caller.
 pub async fn cached<V, R, F, Fut>(
     cache: &TieredCache,
-    key: &Key<V>,
+    key: KeyDraft<V>,
     options: &EntryOptions,
     share: Share<R::Err>,
     body: F,
@@ -209,8 +214,19 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = R>,
 {
+    // The common hit first: from L1, before the key's `String` and the
+    // loader exist.
+    if let Some(text) = key.as_str() {
+        let negatives = <R::Shape as Shape<V>>::NEGATIVES;
+        if let Some(hit) = cache.plain_l1_hit::<V>(text, options, negatives).await {
+            if let Some(shape) = <R::Shape as Shape<V>>::from_cached(hit) {
+                return R::join(Ok(shape));
+            }
+        }
+    }
+    let key = key.into_key();
     let body = async move { body().await.split() };
-    R::join(load(cache, key, options, share, body).await)
+    R::join(load(cache, &key, options, share, body).await)
 }
 
 /// What the holder of a key's turn leaves for the callers that waited on it.

@@ -29,6 +29,7 @@ pub use std::any::type_name;
 pub use std::sync::{Arc, OnceLock};
 
 pub use crate::global::default_cache_for;
+pub use crate::key::KeyDraft;
 pub use crate::{EntryOptions, Key, TieredCache};
 pub use load::{cached, Returns, Shape};
 pub use share::{ErrorShare, NoErrorShare, ResultParts, Share, SharedError, WrapErrorShare};
@@ -38,26 +39,62 @@ pub fn entry_options() -> EntryOptions {
     EntryOptions::default()
 }
 
-/// An empty key for `entity` at `version`, in the default codec.
+/// An empty key for `entity` at `version`, in the default codec (the
+/// companion `*_key` function's).
 pub fn new_key<V>(entity: &str, version: u32) -> Key<V> {
     Key::new(entity, version)
 }
 
-/// Appends one part to a key.
-pub fn push_part<V>(key: &mut Key<V>, part: impl PushPart) {
+/// An empty key for `entity` at `version`, written on the stack (a call's:
+/// see [`cached`]).
+pub fn new_draft<V>(entity: &str, version: u32) -> KeyDraft<V> {
+    KeyDraft::new(entity, version)
+}
+
+/// Appends one part to a key or a draft.
+pub fn push_part(key: &mut impl KeySink, part: impl PushPart) {
     part.push_to(key);
+}
+
+/// What parts are appended to: a [`Key`] or a [`KeyDraft`], which write
+/// the same text.
+pub trait KeySink {
+    /// Appends a part written with `Display`.
+    fn push_display(&mut self, part: impl fmt::Display);
+    /// Appends an integer part.
+    fn push_integer(&mut self, magnitude: u64, negative: bool);
+}
+
+impl<V> KeySink for Key<V> {
+    fn push_display(&mut self, part: impl fmt::Display) {
+        self.push_arg(part);
+    }
+
+    fn push_integer(&mut self, magnitude: u64, negative: bool) {
+        Key::push_integer(self, magnitude, negative);
+    }
+}
+
+impl<V> KeySink for KeyDraft<V> {
+    fn push_display(&mut self, part: impl fmt::Display) {
+        self.push_arg(part);
+    }
+
+    fn push_integer(&mut self, magnitude: u64, negative: bool) {
+        KeyDraft::push_integer(self, magnitude, negative);
+    }
 }
 
 /// A part [`push_part`] can append: what [`Part::key_part`] gives, or the
 /// `&str` of a method's `Self` type.
 pub trait PushPart {
     /// Appends the part to `key`.
-    fn push_to<V>(self, key: &mut Key<V>);
+    fn push_to(self, key: &mut impl KeySink);
 }
 
 impl PushPart for &str {
-    fn push_to<V>(self, key: &mut Key<V>) {
-        key.push_arg(self);
+    fn push_to(self, key: &mut impl KeySink) {
+        key.push_display(self);
     }
 }
 
@@ -210,7 +247,7 @@ impl fmt::Display for IntegerPart {
 }
 
 impl PushPart for IntegerPart {
-    fn push_to<V>(self, key: &mut Key<V>) {
+    fn push_to(self, key: &mut impl KeySink) {
         key.push_integer(self.magnitude, self.negative);
     }
 }
@@ -226,8 +263,8 @@ impl<T: fmt::Display + ?Sized> fmt::Display for DisplayPart<'_, T> {
 }
 
 impl<T: fmt::Display + ?Sized> PushPart for DisplayPart<'_, T> {
-    fn push_to<V>(self, key: &mut Key<V>) {
-        key.push_arg(self.0);
+    fn push_to(self, key: &mut impl KeySink) {
+        key.push_display(self.0);
     }
 }
 
@@ -242,8 +279,8 @@ impl<T: fmt::Debug + ?Sized> fmt::Display for DebugPart<'_, T> {
 }
 
 impl<T: fmt::Debug + ?Sized> PushPart for DebugPart<'_, T> {
-    fn push_to<V>(self, key: &mut Key<V>) {
-        key.push_arg(self);
+    fn push_to(self, key: &mut impl KeySink) {
+        key.push_display(self);
     }
 }
 
