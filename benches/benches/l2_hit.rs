@@ -16,7 +16,14 @@
 //! - P6: `cached_redis_get` is the `cached` crate's `AsyncRedisCache` (its
 //!   multiplexed connection, MessagePack values) holding the same products
 //!   under its own keys, read by the same 64 tasks.
-//! - `[paired l2 64 tasks]` lines (printed): the five 64-task variants in
+//! - P5 on first reads: `tiered_get_cold_l1` is `get` with L1 on, its
+//!   entries capped at 100 ms, so nearly every read of the uniform stream
+//!   over 100k keys is a key L1 does not hold (as on a fresh instance, or
+//!   a working set larger than L1): an L2 read and a promotion into L1.
+//!   `tiered_get_cold_l1_second_read` is the same with
+//!   `L1Admission::SecondRead`, which promotes a key only on its second
+//!   read within a window.
+//! - `[paired l2 64 tasks]` lines (printed): the seven 64-task variants in
 //!   alternating chunks of 12,800 reads, ratios taken within each round.
 
 mod common;
@@ -27,7 +34,7 @@ use std::time::{Duration, Instant};
 use cached::{AsyncRedisCache, ConcurrentCachedAsync};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tiered_cache::testkit::RedisServer;
-use tiered_cache::{Key, TieredCache};
+use tiered_cache::{Key, L1Admission, TieredCache};
 
 use common::{Cursor, Product, Sampler, KEYS, STREAM};
 
@@ -258,12 +265,34 @@ fn l2_hit(c: &mut Criterion) {
     tasks_bench!("cached_redis_get", store.clone(), |s, i| cached_get(&s, i)
         .await
         .expect("cached store hit"));
+    // P5 on first reads: L1 on, but it no longer holds what is read.
+    let cold = rt.block_on(common::cold_l1_cache(&url, L1Admission::EveryRead));
+    let cold_second = rt.block_on(common::cold_l1_cache(&url, L1Admission::SecondRead));
+    tasks_bench!(
+        "tiered_get_cold_l1",
+        (cold.clone(), keys.clone()),
+        |s, i| {
+            let key: &Key<Product> = &s.1[i];
+            s.0.get(key).await.expect("cold L1: an L2 hit")
+        }
+    );
+    tasks_bench!(
+        "tiered_get_cold_l1_second_read",
+        (cold_second.clone(), keys.clone()),
+        |s, i| {
+            let key: &Key<Product> = &s.1[i];
+            s.0.get(key).await.expect("cold L1: an L2 hit")
+        }
+    );
     g.finish();
     report(&s.cache, "64 tasks");
+    report(&cold, "64 tasks, cold L1");
+    report(&cold_second, "64 tasks, cold L1, second read");
     let ctx = Arc::new(Ctx {
         conn: s.conn.clone(),
         manager,
         cache: s.cache.clone(),
+        cold: [cold.clone(), cold_second.clone()],
         store,
         keys,
         raw_keys,
@@ -275,6 +304,8 @@ fn l2_hit(c: &mut Criterion) {
         "manager_get_decode_outer_timeout",
         "tiered_get",
         "cached_redis_get",
+        "tiered_get_cold_l1",
+        "tiered_get_cold_l1_second_read",
     ];
     // P6 is ours against the `cached` store: tiered_get / cached_redis_get.
     common::paired_with(
@@ -285,7 +316,9 @@ fn l2_hit(c: &mut Criterion) {
         |v, round| rt.block_on(chunk_64(Arc::clone(&ctx), v, round)),
     );
     report(&s.cache, "64 tasks, after paired");
-    drop((s, rt, server));
+    report(&cold, "64 tasks, cold L1, after paired");
+    report(&cold_second, "64 tasks, cold L1, second read, after paired");
+    drop((s, cold, cold_second, rt, server));
 }
 
 /// What a paired round of the 64-task variants reads with.
@@ -293,6 +326,8 @@ struct Ctx {
     conn: redis::aio::MultiplexedConnection,
     manager: redis::aio::ConnectionManager,
     cache: TieredCache,
+    /// L1 on but cold: every read, then second reads only.
+    cold: [TieredCache; 2],
     store: CachedStore,
     keys: Arc<Vec<Key<Product>>>,
     raw_keys: Arc<Vec<String>>,
@@ -328,7 +363,8 @@ async fn chunk_64(ctx: Arc<Ctx>, v: usize, round: usize) -> Duration {
                                 .is_some()
                         }
                         3 => ctx.cache.get(&ctx.keys[i]).await.is_some(),
-                        _ => cached_get(&ctx.store, i).await.is_some(),
+                        4 => cached_get(&ctx.store, i).await.is_some(),
+                        _ => ctx.cold[v - 5].get(&ctx.keys[i]).await.is_some(),
                     };
                     assert!(hit, "every read must hit");
                 }
@@ -345,8 +381,8 @@ async fn chunk_64(ctx: Arc<Ctx>, v: usize, round: usize) -> Duration {
 fn report(cache: &TieredCache, what: &str) {
     let st = cache.stats();
     println!(
-        "[l2_hit {what}] tiered stats: l2_hits={} misses={} l2_errors={} l2_skipped={} l2_reads_batched={}",
-        st.l2_hits, st.misses, st.l2_errors, st.l2_skipped, st.l2_reads_batched
+        "[l2_hit {what}] tiered stats: l1_hits={} l2_hits={} misses={} l2_errors={} l2_skipped={} l2_reads_batched={} promotions_deferred={}",
+        st.l1_hits, st.l2_hits, st.misses, st.l2_errors, st.l2_skipped, st.l2_reads_batched, st.promotions_deferred
     );
     if st.misses + st.l2_errors > 0 {
         println!("[l2_hit {what}] WARNING: the tiered side missed or failed; its figures are not L2 hits");

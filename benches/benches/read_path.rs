@@ -65,29 +65,6 @@ fn batches(seed: u64) -> Batches {
     }
 }
 
-/// L1 entries live this long at most in the `get_many` cache. A key comes
-/// back only after the other 999 batches (over 100 ms at the speeds
-/// measured), so every read finds it gone from L1 while L1 stays in use:
-/// entries are promoted, expire and are evicted as in a busy service.
-/// (The cap also bounds the freshness `get_many` judges a promoted entry
-/// by, so a task stalled longer than this between promoting and returning
-/// a key reports it missing: counted, not asserted, on our side.)
-const L1_CAP: Duration = Duration::from_millis(100);
-
-async fn cold_l1_cache(url: &str, admission: L1Admission) -> TieredCache {
-    TieredCache::builder()
-        .namespace(common::NAMESPACE)
-        .redis(url)
-        .require_l2(true)
-        .l2_timeout(common::L2_TIMEOUT)
-        .l1_max_bytes(256 << 20)
-        .l1_ttl_cap(L1_CAP)
-        .l1_admission(admission)
-        .build()
-        .await
-        .expect("a cache on the bench Redis")
-}
-
 /// Runs `iters` batches over `tasks` tasks; each task claims batch numbers
 /// from a shared counter in `[from, to)` and calls `read` on each.
 async fn run_batches<F, Fut>(tasks: usize, from: usize, to: usize, read: F) -> u64
@@ -160,7 +137,7 @@ fn get_many(c: &mut Criterion, rt: &Runtime, url: &str) {
             ("tiered_get_many", L1Admission::EveryRead),
             ("tiered_get_many_second_read", L1Admission::SecondRead),
         ] {
-            let cache = rt.block_on(cold_l1_cache(url, admission));
+            let cache = rt.block_on(common::cold_l1_cache(url, admission));
             let (next, misses) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicU64::new(0)));
             g.bench_function(name, |bench| {
                 bench.to_async(rt).iter_custom(|iters| {
@@ -423,7 +400,7 @@ where
         };
         let key = keys[i].as_str();
         let weight = (key.len() + bytes.len() + 160) as u32;
-        let entry = Entry::new(Arc::new(product), L1_CAP, weight);
+        let entry = Entry::new(Arc::new(product), common::L1_CAP, weight);
         l1.insert(Arc::from(key), Arc::new(entry)).await;
         found += 1;
     }
@@ -496,7 +473,7 @@ fn get_many_breakdown(c: &mut Criterion, rt: &Runtime, url: &str) {
         (conn.clone(), plain.clone()),
         |s, keys, raw| mirror_get_many(s.0, &s.1, keys, raw).await
     );
-    let cache = rt.block_on(cold_l1_cache(url, L1Admission::EveryRead));
+    let cache = rt.block_on(common::cold_l1_cache(url, L1Admission::EveryRead));
     batches_bench!(
         "tiered_get_many",
         false,

@@ -193,6 +193,35 @@ pub async fn l1_only_cache() -> tiered_cache::TieredCache {
         .expect("an L1-only cache")
 }
 
+/// L1 entries live this long at most in a "cold L1" cache. In the benches
+/// that use one, a key comes back only after far more than 100 ms of other
+/// reads, so every read finds it gone from L1 while L1 stays in use:
+/// entries are promoted, expire and are evicted as in a busy service whose
+/// working set is larger than L1 keeps. (The cap also bounds the freshness
+/// `get_many` judges a promoted entry by, so a task stalled longer than
+/// this between promoting and returning a key reports it missing: counted,
+/// not asserted, on our side.)
+pub const L1_CAP: Duration = Duration::from_millis(100);
+
+/// A cache on `url` whose L1 entries are capped at [`L1_CAP`], promoting as
+/// `admission` says.
+pub async fn cold_l1_cache(
+    url: &str,
+    admission: tiered_cache::L1Admission,
+) -> tiered_cache::TieredCache {
+    tiered_cache::TieredCache::builder()
+        .namespace(NAMESPACE)
+        .redis(url)
+        .require_l2(true)
+        .l2_timeout(L2_TIMEOUT)
+        .l1_max_bytes(256 << 20)
+        .l1_ttl_cap(L1_CAP)
+        .l1_admission(admission)
+        .build()
+        .await
+        .expect("a cache on the bench Redis")
+}
+
 /// A cache on `url` with the given L1 bound (`0` turns L1 off).
 pub async fn redis_cache(url: &str, l1_max_bytes: u64) -> tiered_cache::TieredCache {
     tiered_cache::TieredCache::builder()
