@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cache::{unreachable_none, Outcome, Served, TieredCache};
+use crate::cache::{unreachable_none, Outcome, TieredCache};
 use crate::codec::Codec;
 use crate::error::LoadError;
 use crate::events::Event;
@@ -18,6 +18,7 @@ use crate::key::Key;
 use crate::l1::{L1Entry, Looked};
 use crate::loader::{Load, Owned};
 use crate::options::EntryOptions;
+use crate::serve::Served;
 use tracing::Instrument;
 
 use crate::tiers::{typed, Claim, L1Lookup};

@@ -164,6 +164,7 @@ mod loader;
 mod metrics;
 mod options;
 mod refresh;
+mod serve;
 mod stats;
 mod tags;
 mod tiers;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cache::{Outcome, Served, TieredCache};
+use crate::cache::{Outcome, TieredCache};
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, LoadError};
 use crate::events::Event;
@@ -27,6 +27,7 @@ use crate::flight::{Leader, Waiter};
 use crate::l1::{later, AnyValue, L1Entry};
 use crate::loader::Load;
 use crate::options::{EntryOptions, Resolved};
+use crate::serve::Served;
 use crate::tiers::{prepare, typed, Claim, Committed, Origin, Prepared};
 
 /// `-ln(rand)` exceeds this with probability e^-12 (about 6 in a million), so
