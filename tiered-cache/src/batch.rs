@@ -109,7 +109,7 @@ impl TieredCache {
         for (i, key) in keys.iter().enumerate() {
             if let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key.as_str()).await {
                 let mut loader = Some(load_one(key));
-                match self.serve_at::<V, C, E, _>(
+                match self.serve::<V, C, E, _>(
                     key.as_str(),
                     options,
                     &entry,
@@ -144,6 +144,7 @@ impl TieredCache {
                     keys[i].as_str(),
                     options,
                     &entry,
+                    Instant::now(),
                     false,
                     &mut loader,
                 ) {

@@ -519,7 +519,7 @@ impl TieredCache {
         let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key).await else {
             return FromL1::Go(None);
         };
-        match self.serve_at::<V, C, E, L>(key, options, &entry, now, negatives, loader) {
+        match self.serve::<V, C, E, L>(key, options, &entry, now, negatives, loader) {
             Served::Hit(hit) => {
                 self.l1_answered(key, &hit);
                 FromL1::Done(Ok(hit))
@@ -625,7 +625,14 @@ impl TieredCache {
                 }
             }
             if let Some(entry) = found {
-                match self.serve::<V, C, E, L>(key, options, &entry, negatives, &mut loader) {
+                match self.serve::<V, C, E, L>(
+                    key,
+                    options,
+                    &entry,
+                    Instant::now(),
+                    negatives,
+                    &mut loader,
+                ) {
                     // This caller already leads the key, so no refresh starts here.
                     Served::Hit(hit) | Served::Refresh(_, hit) => {
                         if hit.is_some() {

@@ -19,7 +19,15 @@ async fn served_later(fresh_ms: u64, keep_ms: u64) -> Served<String> {
     tokio::time::sleep(Duration::from_millis(5)).await;
     let options = EntryOptions::new(Duration::from_secs(1));
     let mut loader = None::<Never<String, std::io::Error>>;
-    cache.serve::<String, crate::codec::Postcard, _, _>("k", &options, &entry, false, &mut loader)
+    let now = Instant::now();
+    cache.serve::<String, crate::codec::Postcard, _, _>(
+        "k",
+        &options,
+        &entry,
+        now,
+        false,
+        &mut loader,
+    )
 }
 
 #[tokio::test]

@@ -19,28 +19,11 @@ use crate::refresh::{early_refresh_due, near_expiry};
 use crate::tiers::typed;
 
 impl TieredCache {
-    /// Judges an entry found in a tier: a fresh hit (maybe starting an early
+    /// Judges an entry found in a tier at `now` (when L1 looked at it, or
+    /// when L2's read returned it): a fresh hit (maybe starting an early
     /// refresh), a stale fallback, or nothing usable.
-    pub(crate) fn serve<V, C, E, L>(
-        &self,
-        key: &str,
-        options: &EntryOptions,
-        entry: &Arc<L1Entry>,
-        negatives: bool,
-        loader: &mut Option<L>,
-    ) -> Served<V>
-    where
-        V: Serialize + DeserializeOwned + Send + Sync + 'static,
-        C: Codec,
-        E: Send + Sync + 'static,
-        L: Load<V, E>,
-    {
-        self.serve_at::<V, C, E, L>(key, options, entry, Instant::now(), negatives, loader)
-    }
-
-    /// [`serve`](Self::serve) judged at `now` (when L1 looked at `entry`).
     #[inline]
-    pub(crate) fn serve_at<V, C, E, L>(
+    pub(crate) fn serve<V, C, E, L>(
         &self,
         key: &str,
         options: &EntryOptions,
