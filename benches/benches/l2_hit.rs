@@ -7,6 +7,8 @@
 //!   decode) vs `tiered_get` (`l1_max_bytes(0)`), one task on a
 //!   current-thread runtime; and `tiered_get_no_backplane`, the same with
 //!   `backplane(false)` (the epoch's version is read beside each entry).
+//!   `[paired l2 1 in flight]` lines (printed): the three in alternating
+//!   chunks of 2,000 reads, ratios taken within each round.
 //! - `l2_hit_64_tasks`: the same with 64 tasks on a 2-worker runtime sharing
 //!   one connection each side; time per op = wall time / total ops. Two
 //!   steps between them price the L2 tier's plumbing:
@@ -189,6 +191,32 @@ fn l2_hit(c: &mut Criterion) {
     g.finish();
     report(&s.cache, "1 in flight");
     report(&lone, "1 in flight, no backplane");
+    // P4 paired: the three in alternating chunks, ratios within each round
+    // (one in flight is a round trip each, so drift between criterion's
+    // groups is as large as the difference measured).
+    let one = [&s.cache, &lone];
+    common::paired(
+        "l2 1 in flight",
+        &["raw_get_decode", "tiered_get", "tiered_get_no_backplane"],
+        common::paired_rounds(),
+        |v, round| {
+            rt.block_on(async {
+                const READS: usize = 2_000;
+                let mut cur = Cursor::new(&stream, round * READS);
+                let mut conn = s.conn.clone();
+                let start = Instant::now();
+                for _ in 0..READS {
+                    let i = cur.next_index();
+                    let hit = match v {
+                        0 => raw_get(&mut conn, &raw_keys[i]).await.is_some(),
+                        _ => one[v - 1].get(&keys[i]).await.is_some(),
+                    };
+                    assert!(hit, "every read must hit");
+                }
+                start.elapsed()
+            })
+        },
+    );
     drop((s, lone, rt));
 
     // 64 tasks on a 2-worker runtime.
@@ -205,7 +233,7 @@ fn l2_hit(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     // 64 tasks share `iters` reads; `$read` reads key number `$i`.
     macro_rules! tasks_bench {
-        ($name:literal, $state:expr, |$s:ident, $i:ident| $read:expr) => {
+        ($name:expr, $state:expr, |$s:ident, $i:ident| $read:expr) => {
             g.bench_function($name, |b| {
                 b.to_async(&rt).iter_custom(|iters| {
                     let (state, stream) = ($state, stream.clone());
@@ -268,22 +296,15 @@ fn l2_hit(c: &mut Criterion) {
     // P5 on first reads: L1 on, but it no longer holds what is read.
     let cold = rt.block_on(common::cold_l1_cache(&url, L1Admission::EveryRead));
     let cold_second = rt.block_on(common::cold_l1_cache(&url, L1Admission::SecondRead));
-    tasks_bench!(
-        "tiered_get_cold_l1",
-        (cold.clone(), keys.clone()),
-        |s, i| {
+    for (name, cache) in [
+        ("tiered_get_cold_l1", &cold),
+        ("tiered_get_cold_l1_second_read", &cold_second),
+    ] {
+        tasks_bench!(name, (cache.clone(), keys.clone()), |s, i| {
             let key: &Key<Product> = &s.1[i];
             s.0.get(key).await.expect("cold L1: an L2 hit")
-        }
-    );
-    tasks_bench!(
-        "tiered_get_cold_l1_second_read",
-        (cold_second.clone(), keys.clone()),
-        |s, i| {
-            let key: &Key<Product> = &s.1[i];
-            s.0.get(key).await.expect("cold L1: an L2 hit")
-        }
-    );
+        });
+    }
     g.finish();
     report(&s.cache, "64 tasks");
     report(&cold, "64 tasks, cold L1");
