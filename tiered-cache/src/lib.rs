@@ -175,8 +175,8 @@ pub mod write;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-#[cfg(feature = "cluster")]
 pub use admission::L1Admission;
+#[cfg(feature = "cluster")]
 pub use backplane::BackplaneMode;
 pub use breaker::BreakerSettings;
 pub use builder::TieredCacheBuilder;
