@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! async fn f(params) -> R {
-//!     let key = <KeyDraft<V> from the template>;   // built from &params, on the stack
+//!     let key = <KeyDraft<V> from the template>;   // built from &params, on the stack,
+//!                                                  // its `{entity:vN}` copied from a static
 //!     let opts = <EntryOptions>;                    // a static when constant
 //!     let cache = <Option<&TieredCache>>;            // `cache = ..`, else scope, else install
 //!     let body = move || async move { <fake return edge> <original body> };
@@ -68,7 +69,8 @@ struct Gen<'a> {
 impl Gen<'_> {
     /// `{ let mut key = <new>::<V>(entity, version); push_part(..); key }`,
     /// where `new` is `new_key` (a `Key`, for the companion) or
-    /// `new_draft` (a call's key, written on the stack).
+    /// `new_draft` (a call's key, written on the stack, which also takes
+    /// the site's `static` head).
     fn key_block(&self, new: &str) -> TokenStream {
         let (p, plan, fn_name) = (&self.p, self.plan, &self.fn_name);
         let value = &plan.output.value;
@@ -89,10 +91,21 @@ impl Gen<'_> {
             quote_spanned!(*span=> #p::push_part(&mut #key, #p::Part::new(&(#expr)).key_part());)
         });
         let rp = respan(p.clone(), value.span());
-        let new = Ident::new(new, Span::call_site());
-        let new_key = quote_spanned!(value.span()=> #rp::#new::<#value>);
+        let new_ident = Ident::new(new, Span::call_site());
+        let new_key = quote_spanned!(value.span()=> #rp::#new_ident::<#value>);
+        // A call's draft copies the site's `{entity:vN}` from a `static`.
+        let (head, head_arg) = if new == "new_draft" {
+            let statik = local("__TIERED_CACHE_HEAD");
+            (
+                quote!(static #statik: #p::KeyHead = #p::KeyHead::new();),
+                quote!(&#statik,),
+            )
+        } else {
+            (TokenStream::new(), TokenStream::new())
+        };
         quote!({
-            let mut #key = #new_key(#entity, #version);
+            #head
+            let mut #key = #new_key(#head_arg #entity, #version);
             #self_type
             #(#pushes)*
             #key

@@ -107,7 +107,9 @@ impl TieredCache {
         // 1. L1.
         let mut lookup = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            if let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key.as_str()).await {
+            if let Some(Looked { entry, now }) =
+                self.inner.tiers.l1_look(key.as_str().as_bytes()).await
+            {
                 let mut loader = Some(load_one(key));
                 match self.serve::<V, C, E, _>(
                     key.as_str(),
@@ -205,7 +207,8 @@ impl TieredCache {
         match self.inner.flights.join::<Outcome<V, E>>(key) {
             Join::Leader(leader) => {
                 // A load of this key may have ended since the batch read L1.
-                if let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key).await {
+                if let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key.as_bytes()).await
+                {
                     if entry.is_fresh(now) {
                         if let Some(hit @ Some(_)) = typed::<V>(&entry) {
                             self.inner.tiers.stats.record_at(Event::L1Hit, key);

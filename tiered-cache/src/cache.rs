@@ -516,12 +516,12 @@ impl TieredCache {
         E: Send + Sync + 'static,
         L: Load<V, E>,
     {
-        let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key).await else {
+        let Some(Looked { entry, now }) = self.inner.tiers.l1_look(key.as_bytes()).await else {
             return FromL1::Go(None);
         };
         match self.serve::<V, C, E, L>(key, options, &entry, now, negatives, loader) {
             Served::Hit(hit) => {
-                self.l1_answered(key, &hit);
+                self.l1_answered(key.as_bytes(), &hit);
                 FromL1::Done(Ok(hit))
             }
             Served::Refresh(leader, hit) => FromL1::Done(

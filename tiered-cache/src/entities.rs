@@ -90,12 +90,16 @@ impl ByEntity {
         });
     }
 
-    /// Counts `event` for the entity of `key`, if this is on and the event
-    /// is one counted per entity.
+    /// Counts `event` for the entity of `key` (a key's bytes, always
+    /// UTF-8: checked only here, when this is on), if this is on and the
+    /// event is one counted per entity.
     #[inline]
-    pub(crate) fn record(&self, event: Event, key: &str) {
+    pub(crate) fn record<K: AsRef<[u8]> + ?Sized>(&self, event: Event, key: &K) {
         let Some(table) = self.0.get() else { return };
         let Some(slot) = COUNTED.iter().position(|e| *e == event) else {
+            return;
+        };
+        let Ok(key) = std::str::from_utf8(key.as_ref()) else {
             return;
         };
         let counts = table.counts(entity_of(key));

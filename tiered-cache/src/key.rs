@@ -10,6 +10,7 @@
 
 use std::fmt::{self, Write as _};
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use crate::codec::{Codec, Postcard};
 
@@ -167,7 +168,66 @@ enum DraftText {
     Heap(String),
 }
 
+/// The start of one call site's keys, `{entity:vN}`, escaped once and
+/// copied by the site's later calls ([`KeyDraft::at`]): a `static` of the
+/// generated code. For generated code (`__private`) only.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct KeyHead(OnceLock<Head>);
+
+/// What [`KeyHead`] keeps: the entity and version it was written for, and
+/// the draft's buffer as it stood then.
+#[derive(Debug)]
+struct Head {
+    entity: Box<str>,
+    version: u32,
+    len: usize,
+    bytes: [u8; DRAFT_BYTES],
+}
+
+impl KeyHead {
+    /// A head that holds nothing yet.
+    pub const fn new() -> Self {
+        KeyHead(OnceLock::new())
+    }
+}
+
 impl<V> KeyDraft<V> {
+    /// [`KeyDraft::new`], copied from `head` when it was written for this
+    /// entity and version (a site's `name` and `version` are almost always
+    /// constants; when they are not, only the first pair is kept and the
+    /// others are written afresh).
+    #[inline]
+    pub(crate) fn at(head: &KeyHead, entity: &str, version: u32) -> Self {
+        match head.0.get() {
+            Some(kept) if kept.version == version && *kept.entity == *entity => KeyDraft {
+                text: DraftText::Stack {
+                    len: kept.len,
+                    bytes: kept.bytes,
+                },
+                _value: PhantomData,
+            },
+            Some(_) => Self::new(entity, version),
+            None => Self::first_at(head, entity, version),
+        }
+    }
+
+    /// The first draft of a site: written, and kept in `head` if it fits
+    /// on the stack.
+    #[cold]
+    fn first_at(head: &KeyHead, entity: &str, version: u32) -> Self {
+        let draft = Self::new(entity, version);
+        if let DraftText::Stack { len, bytes } = &draft.text {
+            let _ = head.0.set(Head {
+                entity: entity.into(),
+                version,
+                len: *len,
+                bytes: *bytes,
+            });
+        }
+        draft
+    }
+
     /// A draft for `entity` at `version`, with no arguments yet.
     #[inline]
     pub(crate) fn new(entity: &str, version: u32) -> Self {
@@ -191,6 +251,17 @@ impl<V> KeyDraft<V> {
     /// Appends a part (see [`push_arg`]).
     pub(crate) fn push_arg(&mut self, arg: impl fmt::Display) {
         push_arg(&mut self.text, arg);
+    }
+
+    /// The body's bytes so far: what an L1 lookup takes, unchecked (every
+    /// piece was a whole `&str`, so they are UTF-8; [`KeyDraft::as_str`]
+    /// checks).
+    #[inline]
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match &self.text {
+            DraftText::Stack { len, bytes } => &bytes[..*len],
+            DraftText::Heap(body) => body.as_bytes(),
+        }
     }
 
     /// The body so far: `None` only if it were not UTF-8, which whole
@@ -467,6 +538,25 @@ mod tests {
             }
             prop_assert_eq!(draft.as_str(), Some(key.as_str()));
             prop_assert_eq!(draft.into_key(), key);
+        }
+
+        /// A site's kept head gives the text `new` writes, for the pair it
+        /// was written for and for any other pair the same site passes.
+        #[test]
+        fn a_kept_head_writes_the_keys_text(
+            first in "[:{}%a-z\\u{1F600}]{0,60}",
+            second in "[:{}%a-z]{0,8}",
+            versions in any::<(u32, u32)>(),
+            part in any::<u64>(),
+        ) {
+            let head = KeyHead::new();
+            let pairs = [(&first, versions.0), (&second, versions.0), (&first, versions.1)];
+            for (entity, version) in pairs.into_iter().chain(pairs) {
+                let mut draft = KeyDraft::<u8>::at(&head, entity, version);
+                draft.push_integer(part, false);
+                let key = Key::<u8>::new(entity, version).arg(part);
+                prop_assert_eq!(draft.as_str(), Some(key.as_str()));
+            }
         }
 
         #[test]

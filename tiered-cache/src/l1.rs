@@ -40,6 +40,7 @@ use tokio::sync::Mutex;
 
 use crate::admission::{Doorkeeper, L1Admission};
 use crate::entry::Meta;
+use crate::refresh::calm_micros;
 use crate::tags::TagFloors;
 #[cfg(test)]
 use crate::tags::MAX_FLOORS;
@@ -55,7 +56,7 @@ pub(crate) type AnyValue = Arc<dyn Any + Send + Sync>;
 /// One L1 entry: the decoded value (or a cached `None`) and its metadata.
 ///
 /// `repr(C)`, in the order a hit reads them: the value, the check stamp,
-/// the freshness, the fail-safe flag and XFetch's delta in the first 64
+/// the freshness, the fail-safe flag and the calm window in the first 64
 /// bytes (after the `Arc`'s counts, which a hit touches anyway), then the
 /// key and the drop deadline in the next 64; what only writes, refreshes
 /// and sweeps read comes after. A hit far from its expiry reads nothing
@@ -74,8 +75,10 @@ pub(crate) struct L1Entry {
     /// A stale value kept "fresh" for a short while after a failed refresh
     /// (the fail-safe throttle): hits on it are counted as stale served.
     pub(crate) failsafe: bool,
-    /// `meta.load_micros` (XFetch's delta), kept here with what a hit reads.
-    delta_micros: u32,
+    /// How long before `fresh_until` XFetch may draw with `beta` <= 1, in
+    /// µs ([`calm_micros`]): a hit before then does no arithmetic beyond one
+    /// addition. `u32::MAX`: too long to hold, look at the freshness.
+    calm_micros: u32,
     /// The key it was stored under (moka's key is only its hash).
     key: FullKey,
     /// When moka drops the entry: the end of the grace window, or the L1 cap.
@@ -132,10 +135,10 @@ impl FullKey {
     }
 
     #[inline]
-    fn is(&self, key: &str) -> bool {
+    fn is(&self, key: &[u8]) -> bool {
         match self {
-            FullKey::Inline(len, bytes) => &bytes[..usize::from(*len)] == key.as_bytes(),
-            FullKey::Long(long) => &**long == key,
+            FullKey::Inline(len, bytes) => &bytes[..usize::from(*len)] == key,
+            FullKey::Long(long) => long.as_bytes() == key,
         }
     }
 }
@@ -181,7 +184,19 @@ impl L1Entry {
     /// How long the value's last load took: XFetch's delta.
     #[inline]
     pub(crate) fn xfetch_delta(&self) -> Duration {
-        Duration::from_micros(u64::from(self.delta_micros))
+        Duration::from_micros(u64::from(self.meta.load_micros))
+    }
+
+    /// Whether a hit at `now` is fresh and too far from the expiry for
+    /// XFetch to draw with `beta`: the common hit's check. `false` says
+    /// nothing (the caller then judges the freshness itself).
+    #[inline]
+    pub(crate) fn is_calm(&self, now: Instant, beta: f64) -> bool {
+        beta <= 1.0
+            && self.calm_micros != u32::MAX
+            && now
+                .checked_add(Duration::from_micros(u64::from(self.calm_micros)))
+                .is_some_and(|calm_end| calm_end < self.fresh_until)
     }
 
     /// Whether an early refresh may start now: not on a fail-safe copy (its
@@ -298,6 +313,12 @@ impl L1 {
     /// moka's key for `key`.
     #[inline]
     fn hash(&self, key: &str) -> u64 {
+        self.hash_bytes(key.as_bytes())
+    }
+
+    /// [`hash`](Self::hash) of a key's bytes: the one definition of both.
+    #[inline]
+    fn hash_bytes(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
     }
 
@@ -319,15 +340,15 @@ impl L1 {
 
     #[inline]
     pub(crate) async fn get(&self, key: &str) -> Option<Arc<L1Entry>> {
-        self.look(key).await.map(|looked| looked.entry)
+        self.look(key.as_bytes()).await.map(|looked| looked.entry)
     }
 
-    /// The entry of `key`, and the instant it was looked at: a front hit
+    /// The entry of `key` (its bytes), and the instant it was looked at: a front hit
     /// has read the clock for the drop deadline already, and the read path
     /// judges freshness at that same instant instead of reading it again.
     #[inline]
-    pub(crate) async fn look(&self, key: &str) -> Option<Looked> {
-        let hash = self.hash(key);
+    pub(crate) async fn look(&self, key: &[u8]) -> Option<Looked> {
+        let hash = self.hash_bytes(key);
         let generation = match self.front.get(hash, key) {
             Found::Hit { entry, touch, now } => {
                 if touch {
@@ -405,7 +426,7 @@ impl L1 {
             value,
             fresh_until,
             drop_at: later(now, keep_for),
-            delta_micros: meta.load_micros,
+            calm_micros: calm_micros(meta.load_micros),
             meta,
             weight,
             failsafe: false,
@@ -434,7 +455,7 @@ impl L1 {
             value: entry.value.clone(),
             fresh_until: if stale { retry_at } else { entry.fresh_until },
             drop_at: entry.drop_at,
-            delta_micros: entry.delta_micros,
+            calm_micros: entry.calm_micros,
             meta: entry.meta.clone(),
             weight: entry.weight,
             failsafe: stale || entry.failsafe,
@@ -461,7 +482,7 @@ impl L1 {
             value,
             fresh_until: later(now, fresh_for.min(keep_for)),
             drop_at: later(now, keep_for),
-            delta_micros: meta.load_micros,
+            calm_micros: calm_micros(meta.load_micros),
             meta,
             weight: 0,
             failsafe: false,
@@ -638,6 +659,35 @@ mod tests {
         l1.entry(key, Some(value), Meta::default(), ttl, ttl, 4)
     }
 
+    /// A hit is calm (fresh, no XFetch draw) only further than `delta * 12`
+    /// from the expiry, with `beta` <= 1; a load too long to hold the window
+    /// for, or a larger `beta`, always takes the whole check.
+    #[test]
+    fn a_hit_is_calm_only_outside_every_draw_window() {
+        let l1 = L1::new(1 << 20, None, L1Admission::EveryRead);
+        let with_load = |load_micros: u32| {
+            let meta = Meta {
+                load_micros,
+                ..Meta::default()
+            };
+            let ttl = Duration::from_secs(60);
+            l1.entry("k", Some(Arc::new(1_u32)), meta, ttl, ttl, 4)
+        };
+        let entry = with_load(1_000_000); // 1 s: the window is 12 s
+        let fresh_until = entry.fresh_until;
+        let at = |before: u64| fresh_until - Duration::from_millis(before);
+        assert!(entry.is_calm(at(12_001), 1.0));
+        assert!(entry.is_calm(at(12_001), 0.5));
+        assert!(!entry.is_calm(at(11_999), 1.0), "inside the window");
+        assert!(!entry.is_calm(at(12_001), 1.5), "a wider window");
+        assert!(!entry.is_calm(fresh_until, 0.0), "past the freshness");
+        let no_delta = with_load(0);
+        assert!(no_delta.is_calm(no_delta.fresh_until - Duration::from_nanos(1), 1.0));
+        assert!(!no_delta.is_calm(no_delta.fresh_until, 1.0));
+        let slow = with_load(400_000_000); // 400 s: 12 times that is no u32
+        assert!(!slow.is_calm(slow.fresh_until - Duration::from_secs(59), 1.0));
+    }
+
     /// The layout the struct's docs promise: counted from the start of the
     /// `Arc`'s block (its two counts come first), what a hit reads ends
     /// within 64 bytes, then the key and the drop deadline within 128.
@@ -646,7 +696,7 @@ mod tests {
         use std::mem::{offset_of, size_of};
         let counts = 2 * size_of::<usize>();
         let end = |offset: usize, size: usize| counts + offset + size;
-        assert!(end(offset_of!(L1Entry, delta_micros), 4) <= 64);
+        assert!(end(offset_of!(L1Entry, calm_micros), 4) <= 64);
         assert!(end(offset_of!(L1Entry, failsafe), 1) <= 64);
         assert!(end(offset_of!(L1Entry, fresh_until), size_of::<Instant>()) <= 64);
         assert!(end(offset_of!(L1Entry, drop_at), size_of::<Instant>()) <= 128);
@@ -800,7 +850,7 @@ mod tests {
         let hash = l1.hash(key);
         for _ in 0..3 {
             let entry = l1.get(key).await.expect("a hit");
-            if let Found::Hit { entry: front, .. } = l1.front.get(hash, key) {
+            if let Found::Hit { entry: front, .. } = l1.front.get(hash, key.as_bytes()) {
                 assert!(Arc::ptr_eq(&front, &entry));
                 return front;
             }
@@ -882,7 +932,7 @@ mod tests {
         let hash = l1.hash("k");
         for change in ["invalidate", "replace", "promote"] {
             l1.insert("k", entry(&l1, "k")).await;
-            let Found::Miss(generation) = l1.front.get(hash, "k") else {
+            let Found::Miss(generation) = l1.front.get(hash, b"k") else {
                 panic!("{change}: emptied by the insert");
             };
             let read = l1.cache.get(&hash).await.expect("in moka");
@@ -903,7 +953,7 @@ mod tests {
         // Nor when moka let go of it by itself in between: the front keeps
         // it only while the reader does.
         l1.insert("k", entry(&l1, "k")).await;
-        let Found::Miss(generation) = l1.front.get(hash, "k") else {
+        let Found::Miss(generation) = l1.front.get(hash, b"k") else {
             panic!("emptied by the insert");
         };
         let read = l1.cache.get(&hash).await.expect("in moka");
@@ -1020,12 +1070,15 @@ mod tests {
             assert!(Arc::ptr_eq(&l1.get(&other).await.unwrap(), &o));
             assert!(Arc::ptr_eq(&l1.get("k").await.unwrap(), &k));
         }
-        assert!(matches!(l1.front.get(l1.hash("k"), "k"), Found::Hit { .. }));
+        assert!(matches!(
+            l1.front.get(l1.hash("k"), b"k"),
+            Found::Hit { .. }
+        ));
         for _ in 0..2 {
             assert!(Arc::ptr_eq(&l1.get(&other).await.unwrap(), &o));
         }
         assert!(matches!(
-            l1.front.get(l1.hash(&other), &other),
+            l1.front.get(l1.hash(&other), other.as_bytes()),
             Found::Hit { .. }
         ));
         assert!(Arc::ptr_eq(&l1.get("k").await.unwrap(), &k));

@@ -60,6 +60,15 @@ pub(crate) fn near_expiry(now: Instant, fresh_until: Instant, delta: Duration, b
     refresh_window(now, fresh_until, delta, beta).is_some()
 }
 
+/// How long before its expiry a hit on an entry whose last load took
+/// `load_micros` may draw with `beta` <= 1 (`delta * CUTOFF`), in µs; a
+/// hit further away is fresh without a draw. `u32::MAX` when it does not
+/// fit (a load of over six minutes): such hits take the whole check.
+pub(crate) fn calm_micros(load_micros: u32) -> u32 {
+    const WHOLE: u32 = CUTOFF as u32;
+    load_micros.saturating_mul(WHOLE)
+}
+
 /// The seconds left and XFetch's scale, when the draw is to be made.
 #[inline]
 fn refresh_window(

@@ -54,7 +54,7 @@ impl TieredCache {
             Judged::Stale => return Served::Stale,
             Judged::Miss => return Served::Miss,
         };
-        self.count_served(key, entry, &value);
+        self.count_served(key.as_bytes(), entry, &value);
         Served::Hit(value)
     }
 
@@ -74,6 +74,10 @@ impl TieredCache {
         if value.is_none() && !negatives {
             return Judged::Miss;
         }
+        let beta = options.beta(&self.inner.defaults);
+        if entry.is_calm(now, beta) {
+            return Judged::Fresh(value);
+        }
         if !entry.is_fresh(now) {
             return if value.is_some() && entry.in_grace(now) {
                 Judged::Stale
@@ -81,7 +85,6 @@ impl TieredCache {
                 Judged::Miss
             };
         }
-        let beta = options.beta(&self.inner.defaults);
         if near_expiry(now, entry.fresh_until, entry.xfetch_delta(), beta) && entry.may_refresh(now)
         {
             return Judged::NearExpiry(value);
@@ -91,7 +94,7 @@ impl TieredCache {
 
     /// Counts a hit on `entry` that is being served.
     #[inline]
-    fn count_served<V>(&self, key: &str, entry: &L1Entry, value: &Option<Arc<V>>) {
+    fn count_served<V>(&self, key: &[u8], entry: &L1Entry, value: &Option<Arc<V>>) {
         if value.is_none() {
             self.inner
                 .tiers
@@ -111,7 +114,7 @@ impl TieredCache {
     #[inline]
     pub(crate) async fn plain_l1_hit<V: Send + Sync + 'static>(
         &self,
-        key: &str,
+        key: &[u8],
         options: &EntryOptions,
         negatives: bool,
     ) -> Option<Option<Arc<V>>> {
@@ -126,7 +129,7 @@ impl TieredCache {
 
     /// Counts an answer from L1.
     #[inline]
-    pub(crate) fn l1_answered<V>(&self, key: &str, value: &Option<Arc<V>>) {
+    pub(crate) fn l1_answered<V>(&self, key: &[u8], value: &Option<Arc<V>>) {
         if value.is_some() {
             self.inner.tiers.stats.record_at(events::Event::L1Hit, key);
         }

@@ -183,10 +183,11 @@ impl Stats {
         self.record_many(event, 1);
     }
 
-    /// Records one `event` of a read of `key`: counted per entity too,
-    /// when that is on.
+    /// Records one `event` of a read of `key` (its text, or its bytes as a
+    /// `#[cached]` call's draft holds them): counted per entity too, when
+    /// that is on.
     #[inline]
-    pub(crate) fn record_at(&self, event: Event, key: &str) {
+    pub(crate) fn record_at<K: AsRef<[u8]> + ?Sized>(&self, event: Event, key: &K) {
         self.record_many(event, 1);
         self.by_entity.record(event, key);
     }

@@ -606,7 +606,7 @@ impl Tiers {
         let Some(l1) = &self.l1 else {
             return L1Lookup::Miss;
         };
-        let Some(Looked { entry, now }) = l1.look(key).await else {
+        let Some(Looked { entry, now }) = l1.look(key.as_bytes()).await else {
             return L1Lookup::Miss;
         };
         if entry.failsafe {
@@ -631,12 +631,15 @@ impl Tiers {
 
     #[inline]
     pub(crate) async fn l1_get(&self, key: &str) -> Option<Arc<L1Entry>> {
-        self.l1_look(key).await.map(|looked| looked.entry)
+        self.l1_look(key.as_bytes())
+            .await
+            .map(|looked| looked.entry)
     }
 
-    /// [`l1_get`](Self::l1_get) with the instant L1 looked at the entry.
+    /// [`l1_get`](Self::l1_get) of a key's bytes, with the instant L1
+    /// looked at the entry.
     #[inline]
-    pub(crate) async fn l1_look(&self, key: &str) -> Option<Looked> {
+    pub(crate) async fn l1_look(&self, key: &[u8]) -> Option<Looked> {
         match (&self.l1, &self.failsafe_only) {
             (Some(l1), _) => l1.look(key).await,
             (None, Some(copies)) => copies.look(key).await,

@@ -294,6 +294,51 @@ async fn short_and_long_keys_are_the_companions_keys() {
     assert!(long_keyed_key(&long, 7).as_str().len() > 300);
 }
 
+// ---------------------------------------------------------------- entity names
+
+static NAMED_CALLS: AtomicUsize = AtomicUsize::new(0);
+static ENTITY_NOW: AtomicUsize = AtomicUsize::new(0);
+const ENTITIES: [&str; 3] = ["a", "b", "a:b"];
+
+/// The entity name of `named`'s calls: chosen at run time.
+fn entity_now() -> &'static str {
+    ENTITIES[ENTITY_NOW.load(SeqCst)]
+}
+
+#[cached(name = entity_now(), key = "{id}", cache = cache)]
+async fn named(cache: &TieredCache, id: u64) -> String {
+    NAMED_CALLS.fetch_add(1, SeqCst);
+    format!("{}/{id}", entity_now())
+}
+
+/// One call site whose entity name changes from call to call: the site
+/// keeps the first name's `{entity:v1}` to copy, and every other name
+/// still gets its own keys and its own counts (hits answered from L1 by
+/// the key's bytes are counted per entity as any other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_site_with_changing_entity_names_keeps_them_apart() {
+    let server = server();
+    let cache = builder_on(&server, "t")
+        .stats_per_entity(true)
+        .build()
+        .await
+        .unwrap();
+    let calls = [(0, 1), (1, 1), (0, 1), (2, 1), (1, 1), (0, 2)];
+    for (entity, id) in calls {
+        ENTITY_NOW.store(entity, SeqCst);
+        let expected = format!("{}/{id}", ENTITIES[entity]);
+        assert_eq!(named(&cache, id).await, expected);
+    }
+    assert_eq!(NAMED_CALLS.load(SeqCst), 4, "a/1, b/1, a:b/1 and a/2 ran");
+    let hits: Vec<(String, u64)> = cache
+        .entity_stats()
+        .into_iter()
+        .map(|s| (s.entity, s.l1_hits))
+        .collect();
+    let expected = [("a", 1), ("a%3Ab", 0), ("b", 1)].map(|(e, n)| (e.to_owned(), n));
+    assert_eq!(hits, expected);
+}
+
 // ---------------------------------------------------------------- XFetch
 
 static HOT_CALLS: AtomicUsize = AtomicUsize::new(0);

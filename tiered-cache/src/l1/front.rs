@@ -107,7 +107,7 @@ impl Front {
     /// The entry of `key` (whose L1 hash is `hash`) if this table holds it,
     /// someone (moka) still holds it, and its drop deadline has not passed.
     #[inline]
-    pub(super) fn get(&self, hash: u64, key: &str) -> Found {
+    pub(super) fn get(&self, hash: u64, key: &[u8]) -> Found {
         let mut slot = self.slot(hash);
         let Some(entry) = slot.entry.upgrade() else {
             return Found::Miss(slot.generation);

@@ -216,12 +216,13 @@ where
 {
     // The common hit first: from L1, before the key's `String` and the
     // loader exist.
-    if let Some(text) = key.as_str() {
-        let negatives = <R::Shape as Shape<V>>::NEGATIVES;
-        if let Some(hit) = cache.plain_l1_hit::<V>(text, options, negatives).await {
-            if let Some(shape) = <R::Shape as Shape<V>>::from_cached(hit) {
-                return R::join(Ok(shape));
-            }
+    let negatives = <R::Shape as Shape<V>>::NEGATIVES;
+    if let Some(hit) = cache
+        .plain_l1_hit::<V>(key.as_bytes(), options, negatives)
+        .await
+    {
+        if let Some(shape) = <R::Shape as Shape<V>>::from_cached(hit) {
+            return R::join(Ok(shape));
         }
     }
     let key = key.into_key();

@@ -29,7 +29,7 @@ pub use std::any::type_name;
 pub use std::sync::{Arc, OnceLock};
 
 pub use crate::global::default_cache_for;
-pub use crate::key::KeyDraft;
+pub use crate::key::{KeyDraft, KeyHead};
 pub use crate::{EntryOptions, Key, TieredCache};
 pub use load::{cached, Returns, Shape};
 pub use share::{ErrorShare, NoErrorShare, ResultParts, Share, SharedError, WrapErrorShare};
@@ -46,9 +46,10 @@ pub fn new_key<V>(entity: &str, version: u32) -> Key<V> {
 }
 
 /// An empty key for `entity` at `version`, written on the stack (a call's:
-/// see [`cached`]).
-pub fn new_draft<V>(entity: &str, version: u32) -> KeyDraft<V> {
-    KeyDraft::new(entity, version)
+/// see [`cached`]), its start copied from the call site's `head`.
+#[inline]
+pub fn new_draft<V>(head: &KeyHead, entity: &str, version: u32) -> KeyDraft<V> {
+    KeyDraft::at(head, entity, version)
 }
 
 /// Appends one part to a key or a draft.
