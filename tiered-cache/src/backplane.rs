@@ -266,6 +266,17 @@ fn encode(sender: u64, events: Vec<Event>) -> (Vec<u8>, Vec<Event>) {
     (bytes, message.events)
 }
 
+/// The sender of a message, read without decoding its events: an
+/// instance hears each of its own messages too, and drops them unread.
+fn sender_of(bytes: &[u8]) -> Option<u64> {
+    match bytes.split_first() {
+        Some((&FORMAT, body)) => postcard::take_from_bytes::<u64>(body)
+            .ok()
+            .map(|(sender, _)| sender),
+        _ => None,
+    }
+}
+
 fn decode(bytes: &[u8]) -> Option<Message> {
     match bytes.split_first() {
         Some((&FORMAT, body)) => postcard::from_bytes(body).ok(),
@@ -430,6 +441,9 @@ impl Subscriber {
 
     /// Applies one message to this instance's L1 and tag table.
     async fn apply(&self, payload: &[u8]) {
+        if sender_of(payload) == Some(self.id) {
+            return;
+        }
         let Some(message) = decode(payload) else {
             if self.undecodable_log.allow() {
                 tracing::warn!("a backplane message could not be decoded (another version of tiered-cache on the same namespace?); L1 cleared to stay safe (logged once)");
@@ -437,9 +451,6 @@ impl Subscriber {
             self.resync(true);
             return;
         };
-        if message.sender == self.id {
-            return;
-        }
         let count = message.events.len() as u64;
         for event in message.events {
             self.local.apply(event).await;
@@ -536,6 +547,27 @@ mod tests {
         let message = decode(&bytes).unwrap();
         assert_eq!(message.sender, 42);
         assert_eq!(message.events, events);
+    }
+
+    /// The sender is read off the front of a message without its events,
+    /// whatever follows (an instance drops its own messages unread).
+    #[test]
+    fn the_sender_is_read_without_the_events() {
+        for sender in [0, 1, 127, 128, 42, u64::MAX] {
+            let (bytes, _) = encode(sender, vec![Event::Key("{p:v1:7}".into()), Event::Flush]);
+            assert_eq!(sender_of(&bytes), Some(sender));
+            assert_eq!(
+                sender_of(&bytes[..bytes.len() - 1]),
+                Some(sender),
+                "cut short"
+            );
+        }
+        let (mut bytes, _) = encode(9, vec![Event::Flush]);
+        bytes[0] = FORMAT + 1;
+        assert_eq!(sender_of(&bytes), None);
+        assert_eq!(sender_of(&[]), None);
+        assert_eq!(sender_of(&[FORMAT]), None);
+        assert_eq!(sender_of(&[FORMAT, 0xff]), None, "a varint cut short");
     }
 
     #[test]
