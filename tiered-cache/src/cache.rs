@@ -4,7 +4,8 @@
 //! entries in both tiers, `serve` judges the entry a tier found, `flight`
 //! coalesces loads, `refresh` runs them (XFetch, stale-while-revalidate,
 //! fail-safe), `batch` reads many keys, `tags` judges whether an entry was
-//! invalidated. Nothing here knows Redis.
+//! invalidated. The calls that drop keys, tags and the namespace are in
+//! `invalidation`. Nothing here knows Redis.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backplane::{Announcement, Backplane, Event};
+use crate::backplane::Backplane;
 use crate::builder::TieredCacheBuilder;
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, LoadError};
@@ -27,7 +28,6 @@ use crate::loader::{Load, Owned, Scoped};
 use crate::options::EntryOptions;
 use crate::serve::Served;
 use crate::stats::StatsSnapshot;
-use crate::tags::EPOCH_TAG;
 use crate::tiers::{prepare, typed, Committed, L1Lookup, Origin, Tiers};
 use tracing::Instrument;
 
@@ -52,7 +52,7 @@ pub(crate) struct Inner {
     pub(crate) background_timeout: Duration,
     /// Tells other instances about invalidations; `None` without Redis or
     /// when turned off.
-    backplane: Option<Backplane>,
+    pub(crate) backplane: Option<Backplane>,
     /// The cap on concurrent loader calls, if one is set.
     pub(crate) load_limit: Option<LoadLimit>,
     /// Loads of other instances this one waits on (fleet lock).
@@ -255,112 +255,6 @@ impl TieredCache {
                 Ok(tiers.commit(key, prepared, announcement.as_ref()).await)
             })
             .await
-    }
-
-    /// Tells the other instances to drop `key`, after this one's Redis write.
-    pub(crate) fn announce_key(&self, key: &str) {
-        self.announce(Event::Key(key.to_owned()));
-    }
-
-    /// The backplane message that tells the other instances to drop `key`,
-    /// for a store script to send with its write; `None` when the backplane
-    /// is off or sharded (the publisher then sends it, after the write).
-    pub(crate) fn announcement(&self, key: &str) -> Option<Announcement> {
-        self.inner.backplane.as_ref()?.announcement(key)
-    }
-
-    /// Removes `key` from both tiers (Redis first) and tells other
-    /// instances. A load of `key` that began before this call, here or on
-    /// another instance, does not store its value afterwards, and callers
-    /// after it no longer wait on such a load here.
-    ///
-    /// # Errors
-    /// When Redis could not be told (the entry is gone from L1 regardless):
-    /// other instances may still read the old value until its TTL.
-    pub async fn invalidate<V, C>(&self, key: &Key<V, C>) -> Result<(), Error> {
-        let tiers = &self.inner.tiers;
-        let deleted = tiers
-            .within_budget(tiers.invalidate(key.as_str()))
-            .instrument(events::op_span("invalidate", key.as_str()))
-            .await;
-        // A load in flight cannot store any more (its claim is outdated):
-        // new callers start their own instead of waiting on it.
-        self.inner.flights.release(key.as_str());
-        self.announce(Event::Key(key.as_str().to_owned()));
-        deleted
-    }
-
-    /// Drops every entry tagged `tag`, in every tier, in O(1): the tag's
-    /// version is bumped and older entries read as misses from then on.
-    ///
-    /// # Errors
-    /// When Redis could not be told; entries then stay valid elsewhere.
-    pub async fn invalidate_tag(&self, tag: &str) -> Result<(), Error> {
-        let bumped = self
-            .inner
-            .tiers
-            .tags
-            .bump(tag, self.inner.tiers.l2.as_ref())
-            .instrument(events::op_span_keyless("invalidate_tag"))
-            .await;
-        if let Some(l1) = self.inner.tiers.local() {
-            match &bumped {
-                Ok(version) => l1.invalidate_tag(tag, *version),
-                // Without an answer from Redis, drop what is there now.
-                Err(_) => l1.drop_tag(tag),
-            }
-        }
-        self.announce(Event::Tag(tag.to_owned(), bumped.as_ref().ok().copied()));
-        bumped.map(drop)
-    }
-
-    /// [`invalidate_tag`](Self::invalidate_tag) for each of `tags`.
-    ///
-    /// # Errors
-    /// The first failure to tell Redis; the other tags are still invalidated.
-    pub async fn invalidate_tags<I, T>(&self, tags: I) -> Result<(), Error>
-    where
-        I: IntoIterator<Item = T>,
-        T: AsRef<str>,
-    {
-        let tags: Vec<T> = tags.into_iter().collect();
-        let mut outcome = Ok(());
-        for tag in &tags {
-            let done = self.invalidate_tag(tag.as_ref()).await;
-            outcome = outcome.and(done);
-        }
-        outcome
-    }
-
-    /// Invalidates every entry of this cache's namespace, in both tiers and
-    /// on every instance, in O(1) and without KEYS or SCAN: the namespace's
-    /// epoch, an implicit tag that every entry carries, is bumped, so every
-    /// entry written before reads as a miss (Redis drops them on their TTL).
-    ///
-    /// # Errors
-    /// When Redis could not be told: L1 is cleared here (and on the other
-    /// instances, if the message gets through), but the entries in Redis
-    /// stay valid.
-    pub async fn clear(&self) -> Result<(), Error> {
-        let bumped = self
-            .inner
-            .tiers
-            .tags
-            .bump(EPOCH_TAG, self.inner.tiers.l2.as_ref())
-            .instrument(events::op_span_keyless("clear"))
-            .await;
-        if let Some(l1) = self.inner.tiers.local() {
-            l1.clear();
-        }
-        self.announce(Event::Clear(bumped.as_ref().ok().copied()));
-        bumped.map(drop)
-    }
-
-    /// Tells the other instances, after this one's Redis write.
-    pub(crate) fn announce(&self, event: Event) {
-        if let Some(backplane) = &self.inner.backplane {
-            backplane.publish(event);
-        }
     }
 
     /// The value under `key`, or the loader's, cached in both tiers.

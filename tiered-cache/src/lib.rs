@@ -156,6 +156,7 @@ mod events;
 mod fleet;
 mod flight;
 mod global;
+mod invalidation;
 mod key;
 mod l1;
 mod l2;
